@@ -1,0 +1,1 @@
+"""Data: files -> rows -> conversations -> rendered text -> input_ids + labels -> batches."""

@@ -1,0 +1,1 @@
+"""The demo task: extract a booking from a sentence into JSON with a fixed schema."""

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, task scores by generation, before/after reports."""

@@ -1,0 +1,60 @@
+"""Trainer callbacks: a progress bar with loss, learning rate and tokens/s; metrics.jsonl as it happens."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+
+class ProgressCallback(TrainerCallback):
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+        self.start = None
+        self.tokens_at_start = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+        self.tokens_at_start = state.num_input_tokens_seen
+        if self.enabled:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def tokens_per_second(self, state) -> float:
+        elapsed = time.perf_counter() - (self.start or time.perf_counter())
+        return (state.num_input_tokens_seen - self.tokens_at_start) / elapsed if elapsed > 0 else 0.0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(
+                loss=f"{logs['loss']:.4f}", lr=f"{logs.get('learning_rate', 0):.2e}", tok_s=f"{self.tokens_per_second(state):.0f}"
+            )
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Appends every log (train and eval) to metrics.jsonl, flushed, so a crash loses nothing logged."""
+
+    def __init__(self, path: Path, progress: ProgressCallback):
+        self.path = path
+        self.progress = progress
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs:
+            return
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
+        if "loss" in logs:
+            record["tokens_per_second"] = round(self.progress.tokens_per_second(state), 1)
+            record["tokens_seen"] = int(state.num_input_tokens_seen)
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")

@@ -1,0 +1,138 @@
+"""`tunesmith.train(config)`: prepare data and model, run the transformers Trainer, write the run folder."""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig
+from ..data.collate import PaddingCollator
+from ..data.dataset import PreparedData, prepare_data
+from ..device import use_bf16
+from ..methods import prepare_model
+from ..models import load_model, load_tokenizer
+from ..rundir import DATA_STATS_FILE, METRICS_FILE, SUMMARY_FILE, check_output_dir, write_config, write_json
+from .callbacks import MetricsFileCallback, ProgressCallback
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    summary: dict
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    def __init__(self, examples):
+        self.examples = examples
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        ex = self.examples[i]
+        return {"input_ids": ex.input_ids, "labels": ex.labels}
+
+
+def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool):
+    from transformers import TrainingArguments
+
+    t = config.train
+    warmup = int(t.warmup) if t.warmup >= 1 else t.warmup
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=warmup,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        bf16=use_bf16(t.bf16),
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        eval_strategy="epoch" if (has_eval and t.eval_each_epoch) else "no",
+        seed=t.seed,
+        data_seed=t.seed,
+        train_sampling_strategy="group_by_length",
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+def train(
+    config: RunConfig,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    data: PreparedData | None = None,
+) -> TrainResult:
+    """Fine-tune `config.model` on `config.data` with `config.method`; return the run folder and a summary."""
+    from transformers import Trainer, set_seed
+    from transformers.trainer_callback import PrinterCallback
+
+    out = Path(config.output_dir)
+    checkpoint = check_output_dir(out, overwrite, resume)
+    if overwrite and out.exists() and not resume:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    set_seed(config.train.seed)
+
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    data = data or prepare_data(config, tokenizer)
+    write_config(out, config)
+    write_json(out / DATA_STATS_FILE, {"train": data.train_stats.as_dict(), "eval": data.eval_stats.as_dict()})
+
+    model = load_model(config.model, trust_remote_code=config.trust_remote_code)
+    model.config.use_cache = False
+    model, _groups = prepare_model(model, config)
+
+    progress_cb = ProgressCallback(enabled=progress)
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(config, out, bool(data.eval)),
+        train_dataset=ExampleDataset(data.train),
+        eval_dataset=ExampleDataset(data.eval) if data.eval else None,
+        data_collator=PaddingCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[progress_cb, MetricsFileCallback(out / METRICS_FILE, progress_cb)],
+    )
+    trainer.remove_callback(PrinterCallback)  # our progress bar and metrics.jsonl replace its raw prints
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    elapsed = time.perf_counter() - start
+
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    summary = {
+        "model": config.model,
+        "method": config.method.name,
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 4),
+        "train_loss": round(result.training_loss, 6),
+        "train_seconds": round(elapsed, 2),
+        "tokens_seen": int(trainer.state.num_input_tokens_seen),
+        "tokens_per_second": round(progress_cb.tokens_per_second(trainer.state), 1),
+        "bf16": use_bf16(config.train.bf16),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_parameters": sum(p.numel() for p in model.parameters()),
+        "data": {"train": data.train_stats.as_dict(), "eval": data.eval_stats.as_dict()},
+    }
+    if data.eval:
+        summary["eval_loss"] = round(trainer.evaluate()["eval_loss"], 6)
+    write_json(out / SUMMARY_FILE, summary)
+    return TrainResult(out, summary)

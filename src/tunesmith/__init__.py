@@ -1,0 +1,38 @@
+"""tunesmith: fine-tune your own language model end to end.
+
+The CLI is a thin layer over these functions, so a notebook can call them directly:
+
+    import tunesmith
+    cfg = tunesmith.load_config("recipes/quickstart.yaml", ["train.max_steps=20"])
+    run = tunesmith.train(cfg, overwrite=True)
+    print(tunesmith.evaluate(str(run.output_dir)))
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_config": ".config",
+    "RunConfig": ".config",
+    "TunesmithError": ".errors",
+    "train": ".train.run",
+    "evaluate": ".evaluate.run",
+    "export": ".export",
+    "ChatSession": ".chat",
+    "load_for_inference": ".inference",
+    "load_model": ".models",
+    "load_tokenizer": ".models",
+    "inspect_examples": ".data.report",
+    "data_stats": ".data.report",
+    "check_data": ".data.report",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    # Lazy, so `tunesmith --help` does not import torch.
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'tunesmith' has no attribute {name!r}")

@@ -7,12 +7,25 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import TunesmithError
+
+
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _scientific_to_float(value: Any) -> Any:
+    """YAML 1.1 reads `1e-4` as a string; accept it as the number the user meant."""
+    if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+        return float(value)
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_scientific_to_float)]
 
 
 class _Section(BaseModel):
@@ -26,7 +39,7 @@ class DataConfig(_Section):
     eval: Optional[Union[str, list[str]]] = Field(
         None, description="Held-out data in the same formats; when empty, `eval_split` of train is held out."
     )
-    eval_split: float = Field(
+    eval_split: Number = Field(
         0.1, ge=0.0, lt=1.0, description="Share of train held out for evaluation when `eval` is not given."
     )
     format: Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion"] = Field(
@@ -52,27 +65,27 @@ class DataConfig(_Section):
 class MethodConfig(_Section):
     name: Literal["lora"] = Field("lora", description="Fine-tuning method.")
     r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    alpha: Number = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
+    dropout: Number = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
     target_modules: Union[Literal["all-linear"], list[str]] = Field(
         "all-linear", description="`all-linear` (every linear layer but the lm_head) or a list of module names."
     )
 
 
 class TrainConfig(_Section):
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
+    epochs: Number = Field(1.0, gt=0, description="Passes over the training data (ignored when max_steps > 0).")
     max_steps: int = Field(-1, description="Stop after this many optimizer steps; -1 means use epochs.")
     batch_size: int = Field(8, ge=1, description="Examples per micro batch.")
     grad_accum: int = Field(1, ge=1, description="Micro batches per optimizer step.")
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr: Number = Field(2e-4, gt=0, description="Peak learning rate.")
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )
-    warmup: float = Field(
+    warmup: Number = Field(
         0.03, ge=0, description="Warmup: a float < 1 is a share of all steps, a whole number >= 1 is a step count."
     )
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables clipping).")
+    weight_decay: Number = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: Number = Field(1.0, ge=0, description="Gradient clipping norm (0 disables clipping).")
     bf16: Union[Literal["auto"], bool] = Field(
         "auto", description="bf16 autocast: `auto` turns it on where the CPU/GPU supports bf16."
     )
@@ -135,22 +148,37 @@ def _nearest(path: str) -> str:
     return ""
 
 
+def _key_path(loc: tuple) -> str:
+    """The user's key path, without the union-member tags pydantic adds (`bool`, `literal['auto']`, `list[str]`)."""
+    keys = []
+    for part in loc:
+        if isinstance(part, int):
+            keys[-1:] = [f"{keys[-1]}[{part}]"] if keys else [f"[{part}]"]
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part) and part not in ("str", "bool", "int", "float"):
+            keys.append(part)
+    return ".".join(keys)
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
+    by_path: dict[str, list[str]] = {}
+    values: dict[str, Any] = {}
     lines = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"])
+        path = _key_path(e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key '{path}'{_nearest(path)}")
             continue
-        value = e.get("input")
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "literal_error":
-            expected = e.get("ctx", {}).get("expected", "")
-            msg = f"must be one of {expected}"
-        if path:
-            lines.append(f"{source}: {path} = {value!r} is invalid: {msg}")
-        else:
-            lines.append(f"{source}: {msg.removeprefix('Value error, ')}")
+            msg = f"must be one of {e.get('ctx', {}).get('expected', '')}"
+        if not path:
+            lines.append(f"{source}: {msg}")
+            continue
+        values[path] = e.get("input")
+        if msg not in by_path.setdefault(path, []):
+            by_path[path].append(msg)
+    for path, msgs in by_path.items():
+        lines.append(f"{source}: {path} = {values[path]!r} is invalid: {'; or '.join(msgs)}")
     return "\n".join(lines)
 
 
@@ -184,20 +212,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
-
-
-def _as_float_strings(raw: Any) -> Any:
-    """YAML 1.1 reads `1e-4` as a string; accept it as the number the user meant."""
-    if isinstance(raw, dict):
-        return {k: _as_float_strings(v) for k, v in raw.items()}
-    if isinstance(raw, list):
-        return [_as_float_strings(v) for v in raw]
-    if isinstance(raw, str) and _SCIENTIFIC.match(raw.strip()):
-        return float(raw)
-    return raw
-
-
 def load_config(source: Union[str, Path, dict, None] = None, overrides: Optional[list[str]] = None) -> RunConfig:
     """Load a run config from a YAML file (relative data paths resolve against the file) or a dict."""
     base_dir: Optional[Path] = None
@@ -217,7 +231,6 @@ def load_config(source: Union[str, Path, dict, None] = None, overrides: Optional
             raise TunesmithError(f"{path}: the top level must be a mapping of keys (model, data, method, train, ...)")
         name, base_dir = str(path), path.parent
     raw = apply_overrides(raw, overrides or [])
-    raw = _as_float_strings(raw)
     try:
         config = RunConfig.model_validate(raw)
     except ValidationError as err:

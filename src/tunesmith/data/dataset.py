@@ -88,7 +88,7 @@ def split_conversations(convs: list, eval_share: float, seed: int) -> tuple[list
         return convs, []
     order = list(range(len(convs)))
     random.Random(seed).shuffle(order)
-    n_eval = max(1, int(round(len(convs) * eval_share)))
+    n_eval = min(len(convs) - 1, max(1, int(round(len(convs) * eval_share))))
     held = set(order[:n_eval])
     return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]
 

@@ -51,7 +51,7 @@ def to_conversation(row: Row, fmt: str, system_prompt: str | None = None) -> Con
             f"{row.where}: missing field '{missing[0]}' required by data.format={fmt} (row has {sorted(row.data)})"
         )
     conv = converters[fmt](row)
-    if system_prompt and conv[0]["role"] != "system":
+    if system_prompt and conv and conv[0]["role"] != "system":
         conv.insert(0, {"role": "system", "content": system_prompt})
     _validate(conv, row)
     return conv

@@ -85,6 +85,8 @@ def _read_json(path: Path) -> list[Row]:
 def _read_with_datasets(path: Path, kind: str) -> list[Row]:
     from datasets import load_dataset
 
+    if kind == "csv" and sum(1 for line in path.open(encoding="utf-8") if line.strip()) <= 1:
+        return []  # a header and no rows
     try:
         ds = load_dataset(kind, data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types for a malformed file
@@ -94,11 +96,14 @@ def _read_with_datasets(path: Path, kind: str) -> list[Row]:
     return [Row(_decode_nested(dict(r)), f"{path}:{i + offset}" if kind == "csv" else f"{path}[{i}]") for i, r in enumerate(ds)]
 
 
+LIST_FIELDS = ("messages", "conversations", "history", "prompt", "completion")
+
+
 def _decode_nested(row: dict) -> dict:
-    """CSV cells holding JSON lists (e.g. a `messages` column) are decoded."""
+    """CSV cells of the list-valued fields (e.g. a `messages` column) hold JSON; decode those only."""
     out = {}
     for k, v in row.items():
-        if isinstance(v, str) and v.startswith("[") and v.endswith("]"):
+        if k in LIST_FIELDS and isinstance(v, str) and v.startswith("[") and v.endswith("]"):
             try:
                 v = json.loads(v)
             except json.JSONDecodeError:

@@ -1,0 +1,292 @@
+"""The `tunesmith` command line: argument parsing and printing over the Python API, nothing else."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import TunesmithError
+
+app = typer.Typer(help="Fine-tune your own language model end to end.", no_args_is_help=True, add_completion=False)
+models_app = typer.Typer(help="Built-in models: list them, convert them into the cache.", no_args_is_help=True)
+config_app = typer.Typer(help="Show a recipe with every default filled in.", no_args_is_help=True)
+data_app = typer.Typer(help="Look at the data the way the model will see it.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+out = Console()
+err = Console(stderr=True)
+SetOption = typer.Option(None, "--set", help="Override a config key, e.g. --set train.lr=1e-4 (repeatable).")
+JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON.")
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _run(fn):
+    """Call fn; user errors become a one-line message and exit code 1."""
+    try:
+        return fn()
+    except TunesmithError as exc:
+        _fail(exc)
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def _config(recipe: str, overrides: Optional[List[str]]):
+    from .config import load_config
+
+    return load_config(recipe, overrides or [])
+
+
+# ---- models -----------------------------------------------------------------------------------
+@models_app.command("list")
+def models_list(as_json: bool = JsonOption):
+    """List the built-in models and whether they are installed and cached."""
+    from .models import list_models
+
+    rows = list_models()
+    if as_json:
+        return _print_json(rows)
+    table = Table("name", "installed", "cached", "description")
+    for r in rows:
+        table.add_row(r["name"], "yes" if r["installed"] else "no", "yes" if r["cached"] else "no", r["description"])
+    out.print(table)
+
+
+@models_app.command("pull")
+def models_pull(name: str, force: bool = typer.Option(False, help="Convert again even if cached.")):
+    """Convert a built-in model into the cache (done automatically on first use)."""
+    from .models import pull_builtin
+
+    path = _run(lambda: pull_builtin(name, force=force))
+    out.print(f"{name}: {path}")
+
+
+# ---- config -----------------------------------------------------------------------------------
+@config_app.command("show")
+def config_show(recipe: str, set_: Optional[List[str]] = SetOption, as_json: bool = JsonOption):
+    """Print the resolved config: the recipe, the overrides, and every default."""
+    from .config import config_to_yaml
+
+    cfg = _run(lambda: _config(recipe, set_))
+    if as_json:
+        return _print_json(cfg.model_dump(mode="json"))
+    sys.stdout.write(config_to_yaml(cfg))
+
+
+# ---- data -------------------------------------------------------------------------------------
+def _tokenizer_for(cfg):
+    from .models import load_tokenizer
+
+    return load_tokenizer(cfg.model, cfg.trust_remote_code)
+
+
+WHY_STYLE = {"assistant": "bold green", "end_of_turn": "bold green", "user": "cyan", "system": "magenta", "tool": "yellow", "template": "dim"}
+
+
+@data_app.command("inspect")
+def data_inspect(
+    recipe: str,
+    n: int = typer.Option(2, "--n", help="How many training examples to show."),
+    set_: Optional[List[str]] = SetOption,
+    as_json: bool = JsonOption,
+):
+    """Token table of the first examples: each token, whether it carries loss, and why."""
+    from .data.report import inspect_examples
+
+    def go():
+        cfg = _config(recipe, set_)
+        return inspect_examples(cfg, _tokenizer_for(cfg), n)
+
+    examples = _run(go)
+    if as_json:
+        return _print_json({"examples": [
+            {"index": e["index"], "tokens": [{"id": t["id"], "text": t["text"], "loss": t["loss"]} for t in e["tokens"]]}
+            for e in examples
+        ]})
+    for e in examples:
+        supervised = sum(t["loss"] for t in e["tokens"])
+        table = Table(title=f"example {e['index']} ({e['where']}): {len(e['tokens'])} tokens, {supervised} carry loss",
+                      title_justify="left")
+        for col in ("pos", "id", "token", "loss", "why"):
+            table.add_column(col)
+        for pos, t in enumerate(e["tokens"]):
+            style = WHY_STYLE.get(t["why"], "") if t["loss"] or t["why"] != "assistant" else "green"
+            table.add_row(str(pos), str(t["id"]), repr(t["text"]), "yes" if t["loss"] else "-", t["why"].replace("_", "-"), style=style)
+        out.print(table)
+
+
+@data_app.command("stats")
+def data_stats_cmd(recipe: str, set_: Optional[List[str]] = SetOption, as_json: bool = JsonOption):
+    """Examples, tokens, supervised share, length percentiles, dropped and truncated counts."""
+    from .data.report import data_stats
+
+    def go():
+        cfg = _config(recipe, set_)
+        return data_stats(cfg, _tokenizer_for(cfg))
+
+    stats = _run(go)
+    if as_json:
+        return _print_json(stats)
+    table = Table("", "train", "eval")
+    for key in stats["train"]:
+        table.add_row(key, str(stats["train"][key]), str(stats["eval"].get(key, "")))
+    out.print(table)
+
+
+@data_app.command("check")
+def data_check(recipe: str, set_: Optional[List[str]] = SetOption, as_json: bool = JsonOption):
+    """Pre-flight doctor: fails (exit 1) on data that would train the wrong thing."""
+    from .data.report import check_data
+
+    def go():
+        cfg = _config(recipe, set_)
+        return check_data(cfg, _tokenizer_for(cfg))
+
+    findings = _run(go)
+    errors = [f for f in findings if f.level == "error"]
+    if as_json:
+        _print_json({"ok": not errors, "findings": [f.__dict__ for f in findings]})
+    else:
+        colors = {"error": "red", "warning": "yellow", "info": "blue"}
+        for f in findings:
+            out.print(f"[{colors[f.level]}]{f.level}[/] {f.where}: {f.message}", highlight=False, soft_wrap=True)
+        out.print("[red]check failed[/]" if errors else "[green]check passed[/]")
+    if errors:
+        raise typer.Exit(1)
+
+
+# ---- train / eval / chat / export ---------------------------------------------------------------
+@app.command()
+def train(
+    recipe: str,
+    set_: Optional[List[str]] = SetOption,
+    max_steps: Optional[int] = typer.Option(None, help="Stop after N optimizer steps."),
+    output_dir: Optional[str] = typer.Option(None, help="Write the run here instead of the recipe's output_dir."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty output_dir."),
+    resume: bool = typer.Option(False, help="Continue from the last checkpoint in output_dir."),
+    as_json: bool = JsonOption,
+):
+    """Fine-tune a model as the recipe says; writes the adapter, metrics and a summary to output_dir."""
+    from .train.run import train as run_train
+
+    overrides = list(set_ or [])
+    if max_steps is not None:
+        overrides.append(f"train.max_steps={max_steps}")
+    if output_dir is not None:
+        overrides.append(f"output_dir={output_dir}")
+
+    def go():
+        cfg = _config(recipe, overrides)
+        return run_train(cfg, overwrite=overwrite, resume=resume, progress=not as_json)
+
+    result = _run(go)
+    if as_json:
+        return _print_json({"output_dir": str(result.output_dir), **result.summary})
+    s = result.summary
+    out.print(
+        f"trained {s['steps']} steps in {s['train_seconds']:.0f} s ({s['tokens_per_second']:.0f} tokens/s); "
+        f"train loss {s['train_loss']:.4f}" + (f", eval loss {s['eval_loss']:.4f}" if "eval_loss" in s else "")
+    )
+    out.print(f"saved to {result.output_dir}")
+
+
+@app.command("eval")
+def eval_cmd(
+    target: str = typer.Argument(..., help="A run folder or a recipe."),
+    base: bool = typer.Option(False, help="Score the untouched base model on the same data."),
+    limit: Optional[int] = typer.Option(None, help="Score only the first N eval examples."),
+    as_json: bool = JsonOption,
+):
+    """Eval loss, perplexity and the task score by greedy generation."""
+    from .evaluate.run import evaluate
+
+    report = _run(lambda: evaluate(target, base=base, limit=limit, progress=not as_json))
+    if as_json:
+        return _print_json(report)
+    out.print(
+        f"{report['model']}: {report['scorer']} {report['score']:.1%} on {report['examples']} examples; "
+        f"eval loss {report['eval_loss']:.4f}, perplexity {report['perplexity']:.3f}"
+    )
+    for s in report["samples"][:3]:
+        out.print(f"  [dim]ref[/]  {s['reference']}\n  [dim]got[/]  {s['prediction']}", highlight=False)
+
+
+@app.command()
+def chat(
+    target: str = typer.Argument(..., help="A run folder, a recipe, or a model reference."),
+    prompt: Optional[str] = typer.Option(None, help="Answer this once and exit."),
+    system: Optional[str] = typer.Option(None, help="System message."),
+    base: bool = typer.Option(False, help="Talk to the base model without the adapter."),
+    max_new_tokens: int = typer.Option(256, help="Longest answer."),
+    temperature: float = typer.Option(0.0, help="0 is greedy; above 0 samples."),
+):
+    """Talk to a model: /reset clears the history, /system TEXT sets the system message, /exit quits."""
+    from .chat import ChatSession
+    from .inference import load_for_inference
+
+    loaded = _run(lambda: load_for_inference(target, base=base))
+    session = ChatSession(loaded, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
+
+    def answer(text: str) -> None:
+        _run(lambda: session.reply(text, on_piece=lambda p: (sys.stdout.write(p), sys.stdout.flush())))
+        sys.stdout.write("\n")
+
+    if prompt is not None:
+        return answer(prompt)
+    err.print(f"chatting with {loaded.label}; /reset, /system TEXT, /exit", highlight=False)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            session.reset()
+            err.print("history cleared")
+            continue
+        if text.startswith("/system"):
+            session.set_system(text[len("/system"):].strip())
+            session.reset()
+            err.print(f"system message: {session.system!r} (history cleared)")
+            continue
+        answer(text)
+
+
+@app.command()
+def export(
+    run_dir: str,
+    out_dir: str = typer.Option(..., "--out", help="Folder to write."),
+    merge: bool = typer.Option(True, "--merge/--no-merge", help="Merge the adapter into the base weights."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out folder."),
+):
+    """Write a plain Hugging Face model folder (merged) or a copy of the adapter."""
+    from .export import export as run_export
+
+    path = _run(lambda: run_export(run_dir, out_dir, merge=merge, overwrite=overwrite))
+    what = "merged model" if merge else "adapter"
+    out.print(f"{what} written to {path}; load it with AutoModelForCausalLM.from_pretrained('{Path(path)}')"
+              if merge else f"{what} written to {path}")
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

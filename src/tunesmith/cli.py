@@ -16,6 +16,13 @@ app = typer.Typer(help="Fine-tune your own language model end to end.", no_args_
 models_app = typer.Typer(help="Built-in models: list them, convert them into the cache.", no_args_is_help=True)
 config_app = typer.Typer(help="Show a recipe with every default filled in.", no_args_is_help=True)
 data_app = typer.Typer(help="Look at the data the way the model will see it.", no_args_is_help=True)
+@app.callback()
+def _setup() -> None:
+    from .quiet import quiet_libraries
+
+    quiet_libraries()
+
+
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -11,6 +10,7 @@ from rich.console import Console
 from ..config import load_config
 from ..errors import TunesmithError
 from ..evaluate.run import evaluate
+from ..quiet import quiet_libraries
 from ..models import DEFAULT_MODEL, is_builtin_cached, pull_builtin
 from ..train.run import train
 
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], help="Override a config key, e.g. train.max_steps=20")
     args = parser.parse_args(argv)
     console = Console()
-    warnings.filterwarnings("ignore")
+    quiet_libraries()
     try:
         config = load_config(args.recipe, args.set)
         if not Path(args.recipe).exists():

@@ -1,0 +1,81 @@
+"""Shared fixtures: the real tokenizer, and tiny random Llama models saved as local HF folders."""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+warnings.filterwarnings("ignore", category=UserWarning)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build_tiny_llama(out: Path, tokenizer, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """A random Llama with the built-in tokenizer, saved as a local model folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from tunesmith.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def booking_rows():
+    from tunesmith.demo.booking import generate
+
+    train, held_out = generate(n_train=24, n_eval=8, seed=1)
+    return train, held_out
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_model_dir, booking_rows):
+    """A recipe dict that trains the tiny model a few steps on booking data, writing under tmp_path."""
+    train, held_out = booking_rows
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "eval.jsonl", held_out)
+    return {
+        "model": str(tiny_model_dir),
+        "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl"), "max_length": 256},
+        "method": {"name": "lora", "r": 4, "alpha": 8},
+        "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "logging_steps": 1, "save_steps": 2, "bf16": False},
+        "eval": {"scorer": "json_match", "max_new_tokens": 8, "batch_size": 4, "limit": 4},
+        "output_dir": str(tmp_path / "run"),
+    }

@@ -534,9 +534,31 @@ def test_unknown_model_name():
     assert "`tunesmith models list`" in msg
 
 
-def test_hub_like_id_is_not_resolved_locally():
+def test_hub_like_id_resolves_to_the_hub_when_reachable(monkeypatch):
+    import tunesmith.models as models
+
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: True)
     resolved = resolve_model("some-org/some-model")
     assert (resolved.kind, resolved.path, resolved.gguf_file) == ("hub", "some-org/some-model", None)
+
+
+def test_hub_id_without_cache_or_network_says_so_at_once(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TunesmithError, match="not in the local Hugging Face cache and the hub cannot be reached"):
+        resolve_model("some-org/some-model")
+
+
+def test_hub_id_in_the_local_cache_resolves_offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "models--some-org--cached-model" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--some-org--cached-model" / "refs").mkdir()
+    (tmp_path / "models--some-org--cached-model" / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model("some-org/cached-model").kind == "hub"
 
 
 def test_model_folder_without_config_json(tmp_path):

@@ -152,8 +152,39 @@ def resolve_model(ref: str) -> ResolvedModel:
             )
         return ResolvedModel(str(path), kind="folder")
     if _looks_like_hub_id(ref):
+        if not _in_hf_cache(ref) and not _hub_reachable():
+            raise TunesmithError(_hub_message(ref, "it is not in the local Hugging Face cache and the hub cannot be reached (no network)"))
         return ResolvedModel(ref, kind="hub")
     raise TunesmithError(unknown_model_message(ref))
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection attempt, instead of the hub client's minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_message(ref: str, why: str) -> str:
+    return (
+        f"model '{ref}' looks like a Hugging Face hub id, but {why}. Download it on a machine with network "
+        "access (`huggingface-cli download ...`) and point `model` at the folder, or use a built-in model "
+        "(`tunesmith models list`)"
+    )
 
 
 def _looks_like_hub_id(ref: str) -> bool:
@@ -206,12 +237,8 @@ class _hub_errors:
         if exc is None or self.resolved.kind != "hub":
             return False
         if isinstance(exc, (OSError, ValueError)) or "huggingface_hub" in type(exc).__module__:
-            raise TunesmithError(
-                f"model '{self.ref}' looks like a Hugging Face hub id, but it is not in the local Hugging Face "
-                "cache and the hub could not be reached (no network?). Download it on a machine with network "
-                "access (`huggingface-cli download ...`) and point `model` at the folder, or use a built-in model "
-                f"(`tunesmith models list`). Cause: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            ) from exc
+            cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise TunesmithError(_hub_message(self.ref, f"loading it failed ({cause})")) from exc
         return False
 
 

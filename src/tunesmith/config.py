@@ -62,14 +62,99 @@ class DataConfig(_Section):
     split: str = Field("train", description="Split to read from a hub dataset.")
 
 
+METHOD_NAMES = ("lora", "dora", "qlora", "vera", "adalora", "loraplus", "full", "freeze", "galore")
+ADAPTER_METHODS = ("lora", "dora", "qlora", "vera", "adalora", "loraplus")
+LORA_FAMILY = ("lora", "dora", "qlora", "loraplus")
+
+# Which methods each option applies to; setting it for another method is an error that names both.
+OPTION_METHODS: dict[str, tuple[str, ...]] = {
+    "alpha": ADAPTER_METHODS[:3] + ("adalora", "loraplus"),
+    "dropout": ADAPTER_METHODS,
+    "target_modules": ADAPTER_METHODS + ("galore",),
+    "rslora": LORA_FAMILY + ("adalora",),
+    "init": ("lora", "dora", "loraplus"),
+    "loraplus_lr_ratio": ("lora", "dora", "qlora", "loraplus"),
+    "trainable_layers": ("freeze",),
+    "trainable_modules": ("freeze",),
+    "init_r": ("adalora",),
+    "target_r": ("adalora",),
+    "tinit": ("adalora",),
+    "tfinal": ("adalora",),
+    "delta_t": ("adalora",),
+    "orth_reg_weight": ("adalora",),
+    "d_initial": ("vera",),
+    "quant_type": ("qlora",),
+    "double_quant": ("qlora",),
+    "galore_rank": ("galore",),
+    "update_proj_gap": ("galore",),
+    "galore_scale": ("galore",),
+    "galore_optim": ("galore",),
+}
+WHY_NOT = {
+    ("galore", "qlora"): "GaLore trains full-rank weights, which a frozen 4-bit base cannot hold",
+    ("rslora", "vera"): "VeRA has no alpha/r scaling to stabilise; it trains scaling vectors",
+    ("init", "qlora"): "PiSSA/OLoRA rewrite the base weights, which are frozen 4-bit tensors in QLoRA",
+}
+
+
 class MethodConfig(_Section):
-    name: Literal["lora"] = Field("lora", description="Fine-tuning method.")
-    r: int = Field(16, ge=1, description="LoRA rank.")
-    alpha: Number = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r.")
-    dropout: Number = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    name: Literal["lora", "dora", "qlora", "vera", "adalora", "loraplus", "full", "freeze", "galore"] = Field(
+        "lora", description="Fine-tuning method; `tunesmith methods` says when to use which."
+    )
+    r: int = Field(16, ge=1, description="Adapter rank (LoRA family, VeRA; AdaLoRA uses init_r/target_r).")
+    alpha: Number = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with rslora).")
+    dropout: Number = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
     target_modules: Union[Literal["all-linear"], list[str]] = Field(
         "all-linear", description="`all-linear` (every linear layer but the lm_head) or a list of module names."
     )
+    rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r.")
+    init: Literal["default", "gaussian", "pissa", "olora"] = Field(
+        "default", description="Adapter init: B = 0 (default), gaussian, or PiSSA/OLoRA from the base weights."
+    )
+    loraplus_lr_ratio: Optional[Number] = Field(
+        None, gt=0, description="LoRA+: B matrices learn at lr * ratio (16 when method.name is loraplus)."
+    )
+    trainable_layers: Optional[int] = Field(
+        None, ge=1, description="freeze: train only the last K transformer layers."
+    )
+    trainable_modules: Optional[list[str]] = Field(
+        None, description="freeze: train only parameters whose name contains one of these strings."
+    )
+    init_r: int = Field(12, ge=1, description="AdaLoRA: starting rank of every adapted layer.")
+    target_r: int = Field(8, ge=1, description="AdaLoRA: average rank left after pruning.")
+    tinit: int = Field(0, ge=0, description="AdaLoRA: warm-up steps before pruning starts.")
+    tfinal: int = Field(0, ge=0, description="AdaLoRA: final steps at the target budget.")
+    delta_t: int = Field(1, ge=1, description="AdaLoRA: steps between two rank allocations.")
+    orth_reg_weight: Number = Field(0.5, ge=0, description="AdaLoRA: weight of the orthogonality regulariser.")
+    d_initial: Number = Field(0.1, gt=0, description="VeRA: initial value of the d scaling vector.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="QLoRA: 4-bit data type of the frozen base.")
+    double_quant: bool = Field(True, description="QLoRA: quantize the quantization constants too (saves ~0.4 bit/param).")
+    galore_rank: int = Field(128, ge=1, description="GaLore: rank of the gradient projection.")
+    update_proj_gap: int = Field(200, ge=1, description="GaLore: steps between projection refreshes (SVD).")
+    galore_scale: Number = Field(0.25, gt=0, description="GaLore: scale of the projected-back update.")
+    galore_optim: Literal["galore_adamw", "galore_adafactor", "galore_adamw_layerwise"] = Field(
+        "galore_adamw", description="GaLore optimizer variant."
+    )
+
+    @model_validator(mode="after")
+    def _options_fit_the_method(self) -> "MethodConfig":
+        for option in sorted(self.model_fields_set):
+            allowed = OPTION_METHODS.get(option)
+            if allowed is None or self.name in allowed:
+                continue
+            if getattr(self, option) == type(self).model_fields[option].default:
+                continue  # a default written out (e.g. by `config show`) is not a choice
+            why = WHY_NOT.get((option.split("_")[0], self.name)) or WHY_NOT.get((option, self.name))
+            raise ValueError(
+                f"method.{option} cannot be used with method.name={self.name}"
+                + (f": {why}" if why else "")
+                + f". It applies to {', '.join(allowed)}; remove it or change method.name"
+            )
+        if self.name == "adalora" and self.target_r > self.init_r:
+            raise ValueError(f"method.target_r={self.target_r} must not exceed method.init_r={self.init_r}")
+        if self.name == "freeze" and self.trainable_layers and self.trainable_modules:
+            raise ValueError("method.trainable_layers and method.trainable_modules: set one of them, not both")
+        return self
 
 
 class TrainConfig(_Section):
@@ -94,6 +179,9 @@ class TrainConfig(_Section):
     logging_steps: int = Field(5, ge=1, description="Optimizer steps between log lines in metrics.jsonl.")
     save_steps: int = Field(100, ge=1, description="Optimizer steps between checkpoints (for --resume).")
     eval_each_epoch: bool = Field(True, description="Compute eval loss at the end of every epoch.")
+    neftune_alpha: Optional[Number] = Field(
+        None, gt=0, description="NEFTune: uniform noise on input embeddings scaled alpha/sqrt(L*d), training only (5 is typical)."
+    )
 
     @field_validator("warmup")
     @classmethod
@@ -171,8 +259,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "literal_error":
             msg = f"must be one of {e.get('ctx', {}).get('expected', '')}"
-        if not path:
-            lines.append(f"{source}: {msg}")
+        if not path or isinstance(e.get("input"), dict):
+            lines.append(f"{source}: {msg}")  # a rule across several keys; the message names them
             continue
         values[path] = e.get("input")
         if msg not in by_path.setdefault(path, []):

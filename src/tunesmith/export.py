@@ -8,33 +8,65 @@ import torch
 
 from .errors import TunesmithError
 from .inference import load_for_inference, stop_token_ids
-from .rundir import CONFIG_FILE, is_run_dir
+from .rundir import CONFIG_FILE, is_adapter_run, is_run_dir, load_run_config
 
 
 def export(run_dir: str, out: str, merge: bool = True, overwrite: bool = False) -> Path:
-    """Merge the adapter into the base weights (merge=True) or copy the adapter folder (merge=False)."""
+    """Merge the adapter into the base weights (merge=True) or copy the run's adapter (merge=False).
+
+    A QLoRA adapter is merged into the de-quantized 4-bit base it was trained on, so the exported
+    model computes what the trained one did; full-model runs are written as they are.
+    """
     if not is_run_dir(run_dir):
-        raise TunesmithError(f"'{run_dir}' is not a trained run folder (no adapter_config.json); train first")
+        raise TunesmithError(f"'{run_dir}' is not a trained run folder (no adapter or model); train first")
     target = Path(out)
     if target.exists() and any(target.iterdir()):
         if not overwrite:
             raise TunesmithError(f"--out '{out}' exists and is not empty; pass --overwrite or choose another folder")
         shutil.rmtree(target)
-    if not merge:
-        shutil.copytree(run_dir, target, ignore=shutil.ignore_patterns("checkpoint-*"))
-        return target
-    loaded = load_for_inference(run_dir)
-    merged = loaded.model.merge_and_unload()
-    merged = merged.to(torch.float32)
-    merged.config.use_cache = True
-    stops = stop_token_ids(loaded.tokenizer)
-    merged.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
-    merged.generation_config.pad_token_id = loaded.tokenizer.pad_token_id
     tmp = target.with_name(f".{target.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    merged.save_pretrained(tmp, safe_serialization=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    if not merge:
+        shutil.copytree(run_dir, tmp, ignore=shutil.ignore_patterns("checkpoint-*"))
+        tmp.rename(target)
+        return target
+    config = load_run_config(run_dir)
+    loaded = load_for_inference(run_dir)
+    if not is_adapter_run(run_dir):
+        model = loaded.model
+    elif config.method.name == "qlora":
+        model = _merge_into_dequantized_base(loaded.model, run_dir)
+    else:
+        model = loaded.model.merge_and_unload()
+    model = model.to(torch.float32)
+    model.config.use_cache = True
+    stops = stop_token_ids(loaded.tokenizer)
+    model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    model.generation_config.pad_token_id = loaded.tokenizer.pad_token_id
+    model.save_pretrained(tmp, safe_serialization=True)
     loaded.tokenizer.save_pretrained(tmp)
     shutil.copy(Path(run_dir) / CONFIG_FILE, tmp / "tunesmith_run.yaml")
     tmp.rename(target)
     return target
+
+
+def _merge_into_dequantized_base(peft_model, run_dir: str):
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .methods.qlora import dequantized_state_dict
+
+    base4 = peft_model.get_base_model()
+    state = {k.replace(".base_layer", ""): v for k, v in dequantized_state_dict(base4).items() if "lora_" not in k}
+    config = base4.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_pre_quantization_dtype", None)
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config), dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    real_missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if real_missing or unexpected:
+        raise TunesmithError(f"QLoRA export: could not rebuild the base weights (missing {real_missing[:3]}, unexpected {unexpected[:3]})")
+    plain.tie_weights()
+    return PeftModel.from_pretrained(plain, run_dir).merge_and_unload()

@@ -11,7 +11,8 @@ from .data.masking import END_MARKERS
 from .data.templates import apply_template_override
 from .errors import TunesmithError
 from .models import load_model, load_tokenizer
-from .rundir import is_run_dir, load_run_config
+from .methods import load_kwargs as method_load_kwargs
+from .rundir import is_adapter_run, is_run_dir, load_run_config
 
 
 @dataclass
@@ -53,15 +54,27 @@ def load_for_inference(target: str, base: bool = False) -> LoadedModel:
         tokenizer = load_tokenizer(str(run) if run else config.model, config.trust_remote_code)
         if run is None:
             apply_template_override(tokenizer, config.data.chat_template)
-        model = load_model(config.model, trust_remote_code=config.trust_remote_code)
-        label = f"{config.model} (base)"
-        if run is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(run))
-            label = str(run)
+        model, label = _load_run_model(config, run)
     model.eval()
     return LoadedModel(model, tokenizer, config, label)
+
+
+def _load_run_model(config: RunConfig, run: Path | None):
+    """The base alone, a full-model run, or the base (4-bit for QLoRA, as trained) plus the run's adapter."""
+    if run is not None and not is_adapter_run(run):
+        return load_model(str(run), trust_remote_code=config.trust_remote_code), str(run)
+    kwargs = method_load_kwargs(config) if run is not None else {}
+    model = load_model(config.model, trust_remote_code=config.trust_remote_code, **kwargs)
+    if run is None:
+        return model, f"{config.model} (base)"
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(model, str(run))
+    if config.method.name == "qlora":
+        from .methods.qlora import keep_cpu_gradients_flowing
+
+        keep_cpu_gradients_flowing(model)
+    return model, str(run)
 
 
 def stop_token_ids(tokenizer) -> list[int]:

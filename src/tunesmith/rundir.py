@@ -15,9 +15,17 @@ DATA_STATS_FILE = "data_stats.json"
 ADAPTER_CONFIG = "adapter_config.json"
 
 
+MODEL_CONFIG = "config.json"
+
+
 def is_run_dir(path: str | Path) -> bool:
+    """A finished run: its config, plus an adapter or (full, freeze, galore) a whole model."""
     p = Path(path)
-    return (p / CONFIG_FILE).is_file() and (p / ADAPTER_CONFIG).is_file()
+    return (p / CONFIG_FILE).is_file() and ((p / ADAPTER_CONFIG).is_file() or (p / MODEL_CONFIG).is_file())
+
+
+def is_adapter_run(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
 def load_run_config(path: str | Path) -> RunConfig:

@@ -1,6 +1,7 @@
 """`tunesmith.train(config)`: prepare data and model, run the transformers Trainer, write the run folder."""
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -12,10 +13,13 @@ from ..config import RunConfig
 from ..data.collate import PaddingCollator
 from ..data.dataset import PreparedData, prepare_data
 from ..device import use_bf16
+from ..methods import load_kwargs as method_load_kwargs
 from ..methods import prepare_model
 from ..models import load_model, load_tokenizer
 from ..rundir import DATA_STATS_FILE, METRICS_FILE, SUMMARY_FILE, check_output_dir, write_config, write_json
 from .callbacks import MetricsFileCallback, ProgressCallback
+from .neftune import NEFTune
+from .trainer import MethodTrainer
 
 
 @dataclass
@@ -36,7 +40,16 @@ class ExampleDataset(torch.utils.data.Dataset):
         return {"input_ids": ex.input_ids, "labels": ex.labels}
 
 
-def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool):
+def planned_steps(config: RunConfig, n_examples: int) -> int:
+    """Optimizer steps the run will take (AdaLoRA's budget schedule needs it up front)."""
+    t = config.train
+    if t.max_steps > 0:
+        return t.max_steps
+    per_epoch = math.ceil(math.ceil(n_examples / t.batch_size) / t.grad_accum)
+    return max(1, math.ceil(per_epoch * t.epochs))
+
+
+def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, extra: dict | None = None):
     from transformers import TrainingArguments
 
     t = config.train
@@ -70,6 +83,7 @@ def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool):
         disable_tqdm=True,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        **(extra or {}),
     )
 
 
@@ -82,7 +96,7 @@ def train(
     data: PreparedData | None = None,
 ) -> TrainResult:
     """Fine-tune `config.model` on `config.data` with `config.method`; return the run folder and a summary."""
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback
 
     out = Path(config.output_dir)
@@ -97,27 +111,35 @@ def train(
     write_config(out, config)
     write_json(out / DATA_STATS_FILE, {"train": data.train_stats.as_dict(), "eval": data.eval_stats.as_dict()})
 
-    model = load_model(config.model, trust_remote_code=config.trust_remote_code)
+    model = load_model(config.model, trust_remote_code=config.trust_remote_code, **method_load_kwargs(config))
     model.config.use_cache = False
-    model, _groups = prepare_model(model, config)
+    prepared = prepare_model(model, config, total_steps=planned_steps(config, len(data.train)))
+    model = prepared.model
+    neftune = NEFTune(model, config.train.neftune_alpha) if config.train.neftune_alpha else None
 
     progress_cb = ProgressCallback(enabled=progress)
-    trainer = Trainer(
+    args = training_arguments(config, out, bool(data.eval), prepared.training_args)
+    trainer = MethodTrainer(
         model=model,
-        args=training_arguments(config, out, bool(data.eval)),
+        args=args,
+        param_groups=prepared.param_groups,
         train_dataset=ExampleDataset(data.train),
         eval_dataset=ExampleDataset(data.eval) if data.eval else None,
         data_collator=PaddingCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[progress_cb, MetricsFileCallback(out / METRICS_FILE, progress_cb)],
+        callbacks=[progress_cb, MetricsFileCallback(out / METRICS_FILE, progress_cb), *prepared.callbacks],
     )
     trainer.remove_callback(PrinterCallback)  # our progress bar and metrics.jsonl replace its raw prints
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     elapsed = time.perf_counter() - start
 
-    model.save_pretrained(out)
+    if neftune is not None:
+        neftune.remove()
+    prepared.save(out)
     tokenizer.save_pretrained(out)
+    if prepared.cleanup:
+        prepared.cleanup()
     summary = {
         "model": config.model,
         "method": config.method.name,
@@ -129,6 +151,7 @@ def train(
         "tokens_per_second": round(progress_cb.tokens_per_second(trainer.state), 1),
         "bf16": use_bf16(config.train.bf16),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "saved_as": "adapter" if prepared.is_adapter else "full model",
         "total_parameters": sum(p.numel() for p in model.parameters()),
         "data": {"train": data.train_stats.as_dict(), "eval": data.eval_stats.as_dict()},
     }

@@ -1,0 +1,38 @@
+"""What every method hands the trainer: the model, its optimizer groups, callbacks and how to save it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class PreparedModel:
+    model: torch.nn.Module
+    # Each group: {"params": [...], "lr_scale": float}; the trainer multiplies the base lr by lr_scale.
+    param_groups: list[dict]
+    save: Callable[[Path], None]
+    callbacks: list = field(default_factory=list)
+    # Extra TrainingArguments (GaLore picks its optimizer through them).
+    training_args: dict = field(default_factory=dict)
+    # Whether the run folder holds an adapter (loaded on top of the base) or a full model.
+    is_adapter: bool = True
+    # Called once the run folder is written (e.g. to remove a temporary initial adapter).
+    cleanup: Callable[[], None] | None = None
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in trainable(model))
+
+
+def save_full_model(model: torch.nn.Module) -> Callable[[Path], None]:
+    def save(out: Path) -> None:
+        model.save_pretrained(out, safe_serialization=True)
+
+    return save

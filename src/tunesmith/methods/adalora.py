@@ -49,15 +49,12 @@ class RankAllocationCallback(TrainerCallback):
 
 
 def total_rank(peft_model) -> int:
-    """Ranks still alive: non-zero entries of every layer's rank mask (all of E before pruning starts)."""
-    model = peft_model.base_model
-    allocator = getattr(model, "rankallocator", None)
-    total = 0
-    for name, module in peft_model.named_modules():
-        if hasattr(module, "lora_E") and "default" in getattr(module, "lora_E", {}):
-            e = module.lora_E["default"]
-            total += int((e != 0).sum()) if allocator is not None else e.numel()
-    return total
+    """Ranks still alive: the allocator's rank pattern once it prunes, init_r per layer before that."""
+    config = peft_model.peft_config["default"]
+    if config.rank_pattern:
+        return int(sum(sum(bool(x) for x in keep) for keep in config.rank_pattern.values()))
+    layers = sum(1 for _, m in peft_model.named_modules() if hasattr(m, "lora_E") and "default" in m.lora_E)
+    return config.init_r * layers
 
 
 def prepare_adalora(model, config: RunConfig, total_steps: int) -> PreparedModel:

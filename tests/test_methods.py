@@ -1,0 +1,292 @@
+"""Each method's defining property, checked against PEFT or the paper's formula computed here."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tunesmith.config import load_config
+from tunesmith.errors import TunesmithError
+from tunesmith.inference import load_for_inference
+from tunesmith.methods import METHODS, prepare_model
+from tunesmith.train.neftune import NEFTune, expected_noise_std
+from tunesmith.train.run import train
+
+
+def cfg(tiny_recipe, **method):
+    recipe = dict(tiny_recipe)
+    recipe["method"] = method
+    return load_config(recipe)
+
+
+def fresh(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+
+def prompt_ids(tokenizer):
+    return torch.tensor([tokenizer("<|im_start|>user\nBook Oslo for 3<|im_end|>\n", add_special_tokens=False)["input_ids"]])
+
+
+def test_methods_list_has_a_line_for_every_method():
+    from tunesmith.config import METHOD_NAMES
+
+    assert set(METHODS) == set(METHOD_NAMES)
+
+
+def test_rslora_scales_by_alpha_over_sqrt_r(tiny_recipe, tiny_model_dir):
+    prepared = prepare_model(fresh(tiny_model_dir), cfg(tiny_recipe, name="lora", r=4, alpha=8, rslora=True))
+    layer = prepared.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(4))
+    plain = prepare_model(fresh(tiny_model_dir), cfg(tiny_recipe, name="lora", r=4, alpha=8))
+    assert plain.model.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(2.0)
+
+
+def test_dora_effective_weight_follows_the_paper(tiny_recipe, tiny_model_dir):
+    prepared = prepare_model(fresh(tiny_model_dir), cfg(tiny_recipe, name="dora", r=4, alpha=8, dropout=0.0))
+    layer = prepared.model.base_model.model.model.layers[0].mlp.up_proj
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.5)
+        layer.lora_magnitude_vector["default"].weight.mul_(torch.linspace(0.5, 1.5, layer.out_features))
+    prepared.model.eval()
+    W0 = layer.base_layer.weight
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    s = 8 / 4
+    V = W0 + s * B @ A
+    m = layer.lora_magnitude_vector["default"].weight
+    W_eff = m.view(-1, 1) * V / V.norm(dim=1, keepdim=True)  # one magnitude per output feature
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ W_eff.T, atol=1e-5, rtol=1e-5)
+
+
+def test_vera_trains_only_scaling_vectors_and_counts_as_the_formula(tiny_recipe, tiny_model_dir):
+    r = 8
+    prepared = prepare_model(fresh(tiny_model_dir), cfg(tiny_recipe, name="vera", r=r))
+    model = prepared.model
+    linears = [m for n, m in model.named_modules() if hasattr(m, "vera_lambda_b")]
+    assert linears
+    expected = sum(r + m.out_features for m in linears)  # d (r) and b (d_out) per adapted layer
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in trainable.values()) == expected
+    assert all("vera_lambda" in n for n in trainable)
+    assert model.get_nb_trainable_parameters()[0] == expected
+
+
+def test_vera_rejects_rslora_naming_both_options(tiny_recipe):
+    with pytest.raises(TunesmithError, match=r"method\.rslora cannot be used with method\.name=vera"):
+        cfg(tiny_recipe, name="vera", rslora=True)
+
+
+def test_qlora_rejects_galore_options_naming_both(tiny_recipe):
+    with pytest.raises(TunesmithError, match=r"method\.galore_rank cannot be used with method\.name=qlora"):
+        cfg(tiny_recipe, name="qlora", galore_rank=8)
+
+
+def test_loraplus_gives_b_matrices_ratio_times_the_lr(tiny_recipe, tiny_model_dir):
+    config = cfg(tiny_recipe, name="loraplus", r=4)
+    prepared = prepare_model(fresh(tiny_model_dir), config)
+    groups = {g["name"]: g for g in prepared.param_groups}
+    assert groups["lora_B"]["lr_scale"] == 16.0 and groups["lora_A"]["lr_scale"] == 1.0
+    names = {id(p): n for n, p in prepared.model.named_parameters()}
+    assert all("lora_B" in names[id(p)] for p in groups["lora_B"]["params"])
+    assert all("lora_A" in names[id(p)] for p in groups["lora_A"]["params"])
+
+    from tunesmith.train.trainer import MethodTrainer
+    from tunesmith.train.run import training_arguments
+
+    trainer = MethodTrainer(model=prepared.model, args=training_arguments(config, config.output_dir, False),
+                            param_groups=prepared.param_groups)
+    opt = trainer.create_optimizer()
+    b_ids = {id(p) for p in groups["lora_B"]["params"]}
+    for group in opt.param_groups:
+        is_b = all(id(p) in b_ids for p in group["params"])
+        assert group["lr"] == pytest.approx(config.train.lr * (16.0 if is_b else 1.0))
+
+
+def test_lora_ratio_option_on_plain_lora(tiny_recipe, tiny_model_dir):
+    prepared = prepare_model(fresh(tiny_model_dir), cfg(tiny_recipe, name="lora", r=4, loraplus_lr_ratio=4))
+    assert sorted(g["lr_scale"] for g in prepared.param_groups) == [1.0, 4.0]
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_olora_adapters_reload_exactly(tiny_recipe, tiny_model_dir, tokenizer, init):
+    config = cfg(tiny_recipe, name="lora", r=4, alpha=4, init=init, dropout=0.0)
+    run = train(config, progress=False)
+    trained_model = run.trained_model if hasattr(run, "trained_model") else None
+    reloaded = load_for_inference(str(run.output_dir)).model
+    x = prompt_ids(tokenizer)
+    with torch.no_grad():
+        got = reloaded(x).logits
+    # The converted adapter is applied to the *original* base weights.
+    from peft import PeftModel
+
+    plain = PeftModel.from_pretrained(fresh(tiny_model_dir), str(run.output_dir)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x).logits, got, atol=1e-5, rtol=0)
+        assert (got - fresh(tiny_model_dir)(x).logits).abs().max() > 1e-4  # it did learn something
+    del trained_model
+
+
+def test_pissa_reload_equals_the_in_memory_trained_model(tiny_recipe, tiny_model_dir, tokenizer):
+    from tunesmith.data.dataset import prepare_data
+    from tunesmith.methods.lora import peft_saver
+
+    config = cfg(tiny_recipe, name="lora", r=4, alpha=4, init="pissa", dropout=0.0)
+    prepared = prepare_model(fresh(tiny_model_dir), config)
+    model = prepared.model
+    with torch.no_grad():  # stand-in for training: move the adapter away from its init
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    x = prompt_ids(tokenizer)
+    model.eval()
+    with torch.no_grad():
+        want = model(x).logits
+    out = tiny_recipe["output_dir"]
+    prepared.save(__import__("pathlib").Path(out))
+    from peft import PeftModel
+
+    reloaded = PeftModel.from_pretrained(fresh(tiny_model_dir), out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, want, atol=1e-4, rtol=0)
+    del prepare_data, peft_saver
+
+
+def test_freeze_trains_only_the_last_layers(tiny_recipe, tiny_model_dir):
+    config = cfg(tiny_recipe, name="freeze", trainable_layers=1)
+    run = train(config, progress=False)
+    before = fresh(tiny_model_dir).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(run.output_dir).state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("model.layers.1.") for k in changed)
+    untouched = [k for k in before if not k.startswith("model.layers.1.")]
+    assert all(torch.equal(before[k], after[k]) for k in untouched)  # bit-identical
+
+
+def test_freeze_by_module_name(tiny_recipe, tiny_model_dir):
+    prepared = prepare_model(fresh(tiny_model_dir), cfg(tiny_recipe, name="freeze", trainable_modules=["mlp.down_proj"]))
+    names = [n for n, p in prepared.model.named_parameters() if p.requires_grad]
+    assert names == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    with pytest.raises(TunesmithError, match="matches no parameter"):
+        prepare_model(fresh(tiny_model_dir), cfg(tiny_recipe, name="freeze", trainable_modules=["nope"]))
+
+
+def test_full_trains_every_parameter(tiny_recipe, tiny_model_dir):
+    prepared = prepare_model(fresh(tiny_model_dir), cfg(tiny_recipe, name="full"))
+    assert all(p.requires_grad for p in prepared.model.parameters())
+    assert not prepared.is_adapter
+
+
+def test_adalora_rank_budget_falls_on_schedule(tiny_recipe, tiny_model_dir):
+    recipe = dict(tiny_recipe)
+    recipe["train"] = {**recipe["train"], "max_steps": 10}
+    recipe["method"] = {"name": "adalora", "init_r": 6, "target_r": 2, "tinit": 2, "tfinal": 2, "delta_t": 1}
+    config = load_config(recipe)
+    from tunesmith.data.dataset import prepare_data
+    from tunesmith.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    prepared = prepare_model(fresh(tiny_model_dir), config, total_steps=10)
+    callback = prepared.callbacks[0]
+    from tunesmith.data.collate import PaddingCollator
+    from tunesmith.train.run import ExampleDataset, training_arguments
+    from tunesmith.train.trainer import MethodTrainer
+
+    data = prepare_data(config, tokenizer)
+    trainer = MethodTrainer(model=prepared.model, args=training_arguments(config, config.output_dir, False),
+                            param_groups=prepared.param_groups, train_dataset=ExampleDataset(data.train),
+                            data_collator=PaddingCollator(tokenizer.pad_token_id), callbacks=[callback])
+    trainer.train()
+    budgets = [b for _, b in callback.budgets]
+    layers = sum(1 for _, m in prepared.model.named_modules() if hasattr(m, "lora_E") and "default" in m.lora_E)
+    assert budgets[0] == 6 * layers  # no pruning during tinit
+    assert budgets[-1] == 2 * layers  # the target budget in the final phase
+    assert all(a >= b for a, b in zip(budgets, budgets[1:]))  # never grows
+
+
+def test_adalora_adds_the_orthogonality_regulariser(tiny_recipe, tiny_model_dir, tokenizer):
+    config = cfg(tiny_recipe, name="adalora", init_r=4, target_r=2, orth_reg_weight=0.5, dropout=0.0)
+    model = prepare_model(fresh(tiny_model_dir), config, total_steps=10).model
+    x = prompt_ids(tokenizer)
+    model.train()
+    with_reg = model(input_ids=x, labels=x).loss
+    model.peft_config["default"].orth_reg_weight = 0.0
+    without = model(input_ids=x, labels=x).loss
+    reg = 0.0
+    n = 0
+    for name, p in model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and "default" in name:
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            reg += torch.linalg.norm(cov - torch.eye(cov.shape[0]), "fro")
+            n += 1
+    assert (with_reg - without).item() == pytest.approx(0.5 * (reg / n).item(), rel=1e-4)
+
+
+def test_galore_keeps_optimizer_moments_in_the_projected_space(tiny_recipe, tiny_model_dir):
+    recipe = dict(tiny_recipe)
+    recipe["method"] = {"name": "galore", "galore_rank": 4, "update_proj_gap": 2}
+    recipe["train"] = {**recipe["train"], "max_steps": 3}
+    config = load_config(recipe)
+    from tunesmith.data.collate import PaddingCollator
+    from tunesmith.data.dataset import prepare_data
+    from tunesmith.models import load_tokenizer
+    from tunesmith.train.run import ExampleDataset, training_arguments
+    from tunesmith.train.trainer import MethodTrainer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    prepared = prepare_model(fresh(tiny_model_dir), config)
+    data = prepare_data(config, tokenizer)
+    trainer = MethodTrainer(model=prepared.model, args=training_arguments(config, config.output_dir, False, prepared.training_args),
+                            param_groups=prepared.param_groups, train_dataset=ExampleDataset(data.train),
+                            data_collator=PaddingCollator(tokenizer.pad_token_id))
+    trainer.train()
+    opt = trainer.optimizer
+    projected = 0
+    full_bytes = galore_bytes = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            if "exp_avg" not in state:
+                continue
+            full_bytes += 2 * p.numel() * 4
+            galore_bytes += (state["exp_avg"].numel() + state["exp_avg_sq"].numel()) * 4
+            if "rank" in group and p.ndim == 2:
+                assert 4 in state["exp_avg"].shape and state["exp_avg"].numel() < p.numel()
+                assert "projector" in state and state["projector"].update_proj_gap == 2
+                projected += 1
+    assert projected == 2 * 7  # 7 projections per layer, 2 layers
+    assert galore_bytes < full_bytes
+
+
+def test_neftune_noise_magnitude_and_no_noise_in_eval(tiny_model_dir):
+    model = fresh(tiny_model_dir)
+    alpha, L, d = 5.0, 40, model.config.hidden_size
+    hook = NEFTune(model, alpha)
+    emb = model.get_input_embeddings()
+    ids = torch.randint(0, 1000, (64, L))
+    mask = torch.ones_like(ids)
+    captured = {}
+    handle = emb.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
+    model.train()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    noise = captured["out"] - emb.weight[ids]
+    assert noise.abs().max() <= alpha / math.sqrt(L * d) + 1e-6
+    assert noise.std().item() == pytest.approx(expected_noise_std(alpha, L, d), rel=0.05)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert torch.equal(captured["out"], emb.weight[ids])
+    # padding does not change an example's noise: the scale uses each row's real length
+    mask[:, L // 2:] = 0
+    model.train()
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    half = (captured["out"] - emb.weight[ids])[:, : L // 2]
+    assert half.abs().max() > alpha / math.sqrt(L * d)
+    assert half.abs().max() <= alpha / math.sqrt(L // 2 * d) + 1e-6
+    handle.remove()
+    hook.remove()

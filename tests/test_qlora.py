@@ -1,0 +1,67 @@
+"""QLoRA on CPU: 4-bit NF4 base with double quantization, and gradients that keep flowing after eval."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunesmith.config import load_config
+from tunesmith.methods import load_kwargs, prepare_model
+from tunesmith.models import load_model
+
+
+def qlora_config(tiny_recipe, model_ref):
+    recipe = {**tiny_recipe, "model": str(model_ref), "method": {"name": "qlora", "r": 4, "alpha": 8, "dropout": 0.0}}
+    return load_config(recipe)
+
+
+def lora_grads(model) -> dict[str, float]:
+    return {n: p.grad.abs().sum().item() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
+
+
+def test_base_is_nf4_with_double_quant(tiny_recipe, tiny_model_dir):
+    import bitsandbytes as bnb
+
+    config = qlora_config(tiny_recipe, tiny_model_dir)
+    model = load_model(config.model, **load_kwargs(config))
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7
+    state = layers[0].weight.quant_state
+    assert state.quant_type == "nf4" and state.nested  # nested = double-quantized constants
+
+
+def test_gradients_reach_every_adapter_also_after_generate(tiny_recipe, tiny_model_dir, tokenizer):
+    config = qlora_config(tiny_recipe, tiny_model_dir)
+    model = prepare_model(load_model(config.model, **load_kwargs(config)), config).model
+    with torch.no_grad():  # B = 0 at init would zero A's gradient; make both sides live
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    x = torch.tensor([tokenizer("<|im_start|>user\nBook Oslo<|im_end|>\n", add_special_tokens=False)["input_ids"]])
+    expected = {n for n, p in model.named_parameters() if "lora_" in n and p.requires_grad}
+
+    def grads():
+        model.train()
+        model.zero_grad()
+        model(input_ids=x, labels=x).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
+
+    before = grads()
+    assert set(before) == expected and all(g.abs().sum() > 0 for g in before.values())
+    model.eval()  # what eval and chat do: a no-grad forward and generation
+    with torch.no_grad():
+        model(input_ids=x)
+        model.generate(input_ids=x, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    after = grads()
+    assert set(after) == expected
+    for name in expected:  # the same input and weights must give the same gradients as before the eval pass
+        torch.testing.assert_close(after[name], before[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+def test_builtin_base_in_4bit_is_at_most_35_percent_of_fp32():
+    from tunesmith.config import load_config as lc
+
+    config = lc({"data": {"train": "x.jsonl"}, "method": {"name": "qlora"}})
+    fp32 = load_model("smollm2-135m-instruct").get_memory_footprint()
+    nf4 = load_model("smollm2-135m-instruct", **load_kwargs(config)).get_memory_footprint()
+    assert nf4 <= 0.35 * fp32, (nf4 / 2**20, fp32 / 2**20)

@@ -174,6 +174,22 @@ def data_check(recipe: str, set_: Optional[List[str]] = SetOption, as_json: bool
         raise typer.Exit(1)
 
 
+# ---- methods ----------------------------------------------------------------------------------
+@app.command()
+def methods(as_json: bool = JsonOption):
+    """The fine-tuning methods: when to use each, and its key options."""
+    from .methods import METHODS
+
+    if as_json:
+        return _print_json([m.__dict__ for m in METHODS.values()])
+    table = Table("method.name", "use it when", "key options (method.*)")
+    for m in METHODS.values():
+        table.add_row(m.name, m.when, m.options)
+    out.print(table)
+    out.print("Start with lora; if the base does not fit, qlora; if lora underfits at your rank, dora or a higher r; "
+              "if memory allows and data is large, full or galore.", highlight=False)
+
+
 # ---- train / eval / chat / export ---------------------------------------------------------------
 @app.command()
 def train(
@@ -289,6 +305,26 @@ def export(
     what = "merged model" if merge else "adapter"
     out.print(f"{what} written to {path}; load it with AutoModelForCausalLM.from_pretrained('{Path(path)}')"
               if merge else f"{what} written to {path}")
+
+
+@app.command("merge")
+def merge_cmd(
+    spec: str = typer.Argument(..., help="A merge spec YAML (method, base_model, models, ...)."),
+    out_dir: str = typer.Option(..., "--out", help="Folder to write."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out folder."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a spec key, e.g. --set lambda=0.8 or "
+                                             "--set models.1.weight=0.5 (repeatable)."),
+):
+    """Merge models and adapters (linear, slerp, task_arithmetic, ties, dare_linear, dare_ties) into one folder."""
+    import time
+
+    from .merge.run import merge as run_merge
+    from .merge.spec import load_merge_spec
+
+    start = time.perf_counter()
+    path = _run(lambda: run_merge(load_merge_spec(spec, set_ or []), out_dir, overwrite=overwrite))
+    out.print(f"merged into {path} in {time.perf_counter() - start:.1f} s; load it with "
+              f"AutoModelForCausalLM.from_pretrained('{Path(path)}')", highlight=False, soft_wrap=True)
 
 
 def main():

@@ -179,6 +179,12 @@ class TrainConfig(_Section):
     logging_steps: int = Field(5, ge=1, description="Optimizer steps between log lines in metrics.jsonl.")
     save_steps: int = Field(100, ge=1, description="Optimizer steps between checkpoints (for --resume).")
     eval_each_epoch: bool = Field(True, description="Compute eval loss at the end of every epoch.")
+    selective_loss: bool = Field(
+        True, description="Compute logits only where a label is supervised, in chunks (same loss, less time and memory)."
+    )
+    padding_free: bool = Field(
+        True, description="Put a micro batch in one row without padding; attention stays inside each example."
+    )
     neftune_alpha: Optional[Number] = Field(
         None, gt=0, description="NEFTune: uniform noise on input embeddings scaled alpha/sqrt(L*d), training only (5 is typical)."
     )

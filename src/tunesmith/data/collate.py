@@ -27,3 +27,28 @@ class PaddingCollator:
             labels[row, :n] = torch.as_tensor(f["labels"])
             mask[row, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@dataclass
+class PaddingFreeCollator:
+    """All examples of a micro batch in one row, no padding: position ids restart at every example,
+    which keeps attention inside each example (transformers builds the block-diagonal mask from them).
+
+    The first label of every example is -100 so no example learns to predict its neighbour's start.
+    The all-ones attention_mask is only for counting tokens; the trainer drops it before the forward.
+    """
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        ids, labels, positions = [], [], []
+        for f in features:
+            n = len(f["input_ids"])
+            ids.extend(f["input_ids"])
+            labels.extend([IGNORE_INDEX] + list(f["labels"][1:]))
+            positions.extend(range(n))
+        row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
+        return {
+            "input_ids": row(ids),
+            "labels": row(labels),
+            "position_ids": row(positions),
+            "attention_mask": torch.ones((1, len(ids)), dtype=torch.long),
+        }

@@ -13,33 +13,53 @@ import torch
 
 class NEFTune:
     def __init__(self, model: torch.nn.Module, alpha: float):
+        from ..modeling import decoder_body
+
         self.alpha = alpha
         self.embedding = model.get_input_embeddings()
         self.lengths: torch.Tensor | None = None
+        body = decoder_body(model) or model
         self._handles = [
-            model.register_forward_pre_hook(self._remember_lengths, with_kwargs=True),
+            body.register_forward_pre_hook(self._remember_lengths, with_kwargs=True),
             self.embedding.register_forward_hook(self._add_noise),
         ]
 
     def _remember_lengths(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        self.lengths = mask.sum(dim=1) if mask is not None and mask.dim() == 2 else None
+        """Per-token length L of the example each token belongs to, from the mask or the packed positions."""
+        mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        if mask is not None and mask.dim() == 2:
+            self.lengths = mask.sum(dim=1, keepdim=True).expand_as(mask)
+        elif positions is not None and positions.dim() == 2:
+            self.lengths = example_lengths(positions)
+        else:
+            self.lengths = None
 
     def scale(self, seq_len: int, hidden: int, lengths: torch.Tensor | None, batch: int) -> torch.Tensor:
-        L = lengths.clamp(min=1).to(torch.float32) if lengths is not None else torch.full((batch,), float(seq_len))
-        return (self.alpha / torch.sqrt(L * hidden)).view(-1, 1, 1)
+        if lengths is None:
+            lengths = torch.full((batch, seq_len), float(seq_len))
+        return (self.alpha / torch.sqrt(lengths.clamp(min=1).to(torch.float32) * hidden)).unsqueeze(-1)
 
     def _add_noise(self, module, inputs, output):
         if not module.training:
             return output
         batch, seq_len, hidden = output.shape
-        lengths = self.lengths if self.lengths is not None and self.lengths.numel() == batch else None
+        lengths = self.lengths if self.lengths is not None and tuple(self.lengths.shape) == (batch, seq_len) else None
         bound = self.scale(seq_len, hidden, lengths, batch).to(output.device, output.dtype)
         return output + torch.empty_like(output).uniform_(-1, 1) * bound
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def example_lengths(position_ids: torch.Tensor) -> torch.Tensor:
+    """For packed rows (positions restart at 0 per example): each token's example length."""
+    out = torch.empty_like(position_ids)
+    for row in range(position_ids.shape[0]):
+        starts = (position_ids[row] == 0).nonzero().flatten().tolist() + [position_ids.shape[1]]
+        for a, b in zip(starts, starts[1:]):
+            out[row, a:b] = b - a
+    return out
 
 
 def expected_noise_std(alpha: float, length: int, hidden: int) -> float:

@@ -10,11 +10,12 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig
-from ..data.collate import PaddingCollator
+from ..data.collate import PaddingCollator, PaddingFreeCollator
 from ..data.dataset import PreparedData, prepare_data
 from ..device import use_bf16
 from ..methods import load_kwargs as method_load_kwargs
 from ..methods import prepare_model
+from ..modeling import supports_selective_loss
 from ..models import load_model, load_tokenizer
 from ..rundir import DATA_STATS_FILE, METRICS_FILE, SUMMARY_FILE, check_output_dir, write_config, write_json
 from .callbacks import MetricsFileCallback, ProgressCallback
@@ -38,6 +39,11 @@ class ExampleDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         ex = self.examples[i]
         return {"input_ids": ex.input_ids, "labels": ex.labels}
+
+
+def use_selective_loss(config: RunConfig, model) -> bool:
+    # AdaLoRA adds its orthogonality regulariser inside PeftModel.forward, which this path bypasses.
+    return config.train.selective_loss and config.method.name != "adalora" and supports_selective_loss(model)
 
 
 def planned_steps(config: RunConfig, n_examples: int) -> int:
@@ -78,6 +84,7 @@ def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, extr
         data_seed=t.seed,
         train_sampling_strategy="group_by_length",
         include_num_input_tokens_seen="non_padding",
+        prediction_loss_only=True,
         remove_unused_columns=False,
         report_to=[],
         disable_tqdm=True,
@@ -125,9 +132,10 @@ def train(
         param_groups=prepared.param_groups,
         train_dataset=ExampleDataset(data.train),
         eval_dataset=ExampleDataset(data.eval) if data.eval else None,
-        data_collator=PaddingCollator(tokenizer.pad_token_id),
+        data_collator=PaddingFreeCollator() if config.train.padding_free else PaddingCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=[progress_cb, MetricsFileCallback(out / METRICS_FILE, progress_cb), *prepared.callbacks],
+        selective_loss=use_selective_loss(config, model),
     )
     trainer.remove_callback(PrinterCallback)  # our progress bar and metrics.jsonl replace its raw prints
     start = time.perf_counter()

@@ -1,0 +1,134 @@
+"""tunesmith's LoRA SFT against TRL's SFTTrainer + PEFT set up as the guide's §6.1 does it.
+
+Same model (built-in SmolLM2-135M-Instruct), data (the quickstart booking task), LoRA (r=16,
+alpha=32, dropout 0.05, all seven projections), micro batch 4 x accumulation 4, the same number of
+optimizer steps, lr 2e-4 cosine with 3% warmup, completion-only loss, bf16 where the CPU has AMX
+(`train.bf16: auto`; this machine has none, so both run fp32). TRL keeps its defaults otherwise
+(gradient checkpointing on, as in the guide; padded batches; NEFTune off in both).
+Each run is its own process (peak RSS is its own); runs alternate, `--reps` times each.
+
+    .venv/bin/python bench/sft_throughput.py --steps 6 --reps 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+COMMON = r"""
+import json, resource, sys, time, threading, os
+from tunesmith.quiet import quiet_libraries
+quiet_libraries()
+steps, micro, accum = int(sys.argv[2]), 4, 4
+"""
+
+TUNESMITH = COMMON + r"""
+from tunesmith.config import load_config
+from tunesmith.train.run import train
+cfg = load_config("recipes/quickstart.yaml", [f"train.max_steps={steps}", f"train.batch_size={micro}",
+    f"train.grad_accum={accum}", "train.lr=2e-4", "train.warmup=0.03", "train.logging_steps=1",
+    "output_dir=/tmp/bench-sft-tunesmith", "train.eval_each_epoch=false"])
+cfg.data.eval = None
+cfg.data.eval_split = 0.0
+t0 = time.perf_counter()
+run = train(cfg, overwrite=True, progress=False)
+s = run.summary
+lines = [json.loads(l) for l in open("/tmp/bench-sft-tunesmith/metrics.jsonl") if '"loss"' in l]
+print("RESULT " + json.dumps({"tokens_per_second": s["tokens_seen"] / s["train_seconds"], "seconds": s["train_seconds"],
+    "tokens": s["tokens_seen"], "final_loss": lines[-1]["loss"],
+    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "trainable": s["trainable_parameters"], "total": s["total_parameters"]}))
+"""
+
+TRL = COMMON + r"""
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+from tunesmith.device import use_bf16
+from tunesmith.models import pull_builtin
+folder = str(pull_builtin("smollm2-135m-instruct"))
+tok = AutoTokenizer.from_pretrained(folder)
+tok.padding_side = "right"
+tok.pad_token = tok.eos_token
+rows = [json.loads(l) for l in open("recipes/data/booking-train.jsonl")]
+ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["instruction"] + "\n\n" + r["input"]}],
+                         "completion": [{"role": "assistant", "content": r["output"]}]} for r in rows])
+model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
+                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+args = SFTConfig(output_dir="/tmp/bench-sft-trl", max_steps=steps, per_device_train_batch_size=micro,
+                 gradient_accumulation_steps=accum, optim="adamw_torch", learning_rate=2e-4, weight_decay=0.0,
+                 warmup_steps=0.03, lr_scheduler_type="cosine", gradient_checkpointing=True,
+                 bf16=use_bf16("auto"), logging_steps=1, save_strategy="no", max_length=512, report_to=[],
+                 use_cpu=True, seed=42, include_num_input_tokens_seen="non_padding", disable_tqdm=True)
+trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora)
+losses = []
+class Keep(TrainerCallback):
+    def on_log(self, a, state, c, logs=None, **k):
+        if logs and "loss" in logs:
+            losses.append(logs["loss"])
+trainer.add_callback(Keep())
+t0 = time.perf_counter()
+trainer.train()
+dt = time.perf_counter() - t0
+tokens = int(trainer.state.num_input_tokens_seen)
+print("RESULT " + json.dumps({"tokens_per_second": tokens / dt, "seconds": dt, "tokens": tokens, "final_loss": losses[-1],
+    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+    "total": sum(p.numel() for p in trainer.model.parameters())}))
+"""
+
+
+def run(code: str, steps: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", code, "x", str(steps)], capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(proc.stderr[-4000:])
+    return json.loads(lines[-1][7:])
+
+
+def matmul_peak(dtype, n: int = 2048, reps: int = 5) -> float:
+    import torch
+
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args()
+    import torch
+
+    results = {"tunesmith": [], "trl": []}
+    for rep in range(args.reps):
+        for name, code in (("trl", TRL), ("tunesmith", TUNESMITH)) if rep % 2 else (("tunesmith", TUNESMITH), ("trl", TRL)):
+            r = run(code, args.steps)
+            results[name].append(r)
+            print(f"rep {rep} {name:9s} {r['tokens_per_second']:7.1f} tok/s  peak RSS {r['peak_rss_mib']:7.0f} MiB  "
+                  f"final loss {r['final_loss']:.4f}", flush=True)
+    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+    print(f"\nmachine matmul peak: fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s")
+    for name, rs in results.items():
+        tps = statistics.median(r["tokens_per_second"] for r in rs)
+        mfu = 4 * rs[0]["total"] * tps / peak32
+        print(f"{name:9s} median {tps:6.1f} tok/s, peak RSS {statistics.median(r['peak_rss_mib'] for r in rs):.0f} MiB, "
+              f"MFU vs fp32 peak {mfu:.1%}")
+    print("\nratio tunesmith / TRL (min / median / max over paired reps):")
+    for key in ("tokens_per_second", "peak_rss_mib", "final_loss"):
+        ratios = [a[key] / b[key] for a, b in zip(results["tunesmith"], results["trl"])]
+        print(f"  {key:18s} {min(ratios):.3f} / {statistics.median(ratios):.3f} / {max(ratios):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
 """`data inspect`, `data stats` and `data check` through the Python API."""
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -9,6 +10,12 @@ from tunesmith.config import load_config
 from tunesmith.data.report import check_data, data_stats, inspect_examples, token_texts
 
 from helpers import write_jsonl
+
+@pytest.fixture
+def tokenizer(tokenizer):
+    """A private copy: data.chat_template overrides set the template on the tokenizer they are given."""
+    return copy.deepcopy(tokenizer)
+
 
 NO_END_MARKER = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 NO_ROLES = "{% for m in messages %}{{ m['content'] }}<|im_end|>\n{% endfor %}"

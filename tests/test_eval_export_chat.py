@@ -19,7 +19,7 @@ from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.scorers import contains, exact_match, json_match
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 
 IM_END = "<|im_end|>"
 

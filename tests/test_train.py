@@ -20,7 +20,7 @@ from tunesmith.data.masking import IGNORE_INDEX
 from tunesmith.errors import TunesmithError
 from tunesmith.train.run import train
 
-from conftest import write_jsonl
+from helpers import write_jsonl
 
 IM_END = "<|im_end|>"
 
@@ -230,8 +230,7 @@ def test_collator_masks_pads_by_position_keeps_end_of_turn(tokenizer, tiny_recip
         assert labels[row, : len(ex.labels)].tolist() == ex.labels
 
 
-def test_trainer_receives_position_masked_labels(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
-    """Record what Trainer.training_step gets: pads carry no loss, every row's end of turn does."""
+def _record_training_batches(monkeypatch):
     from transformers import Trainer
 
     seen = []
@@ -242,27 +241,68 @@ def test_trainer_receives_position_masked_labels(tmp_path, tiny_model_dir, token
         return original(self, model, inputs, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "training_step", recording)
-    recipe = small_recipe(tmp_path, tiny_model_dir, n_train=8, n_eval=0, max_steps=2, batch_size=4, save_steps=100)
-    train(load_config(recipe), progress=False)
+    return seen
 
+
+def _train_recording(tmp_path, tiny_model_dir, monkeypatch, padding_free: bool | None):
+    from tunesmith.config import TrainConfig
+
+    extra = {}
+    if "padding_free" in TrainConfig.model_fields:
+        extra["padding_free"] = padding_free
+    elif padding_free:
+        pytest.skip("this version has no train.padding_free")
+    seen = _record_training_batches(monkeypatch)
+    recipe = small_recipe(tmp_path, tiny_model_dir, n_train=8, n_eval=0, max_steps=2, batch_size=4,
+                          save_steps=100, **extra)
+    train(load_config(recipe), progress=False)
     assert len(seen) == 2
+    return seen
+
+
+def _check_example(ids: torch.Tensor, labels: torch.Tensor, eos: int) -> None:
+    """One example's tokens and labels as the trainer got them: supervised labels are the tokens
+    themselves, and the last supervised one is the end of turn (eos id, which is also the pad id)."""
+    keep = labels != IGNORE_INDEX
+    assert keep.any()
+    assert torch.equal(labels[keep], ids[keep])
+    last = int(keep.nonzero().flatten()[-1])
+    assert labels[last].item() == eos == ids[last].item()
+
+
+def test_trainer_receives_position_masked_labels(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
+    """Padded batches (train.padding_free: false): pads carry no loss, every row's end of turn does."""
+    seen = _train_recording(tmp_path, tiny_model_dir, monkeypatch, padding_free=False)
     eos = tokenizer.eos_token_id
     padded_rows = 0
     for batch in seen:
         ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+        assert ids.shape[0] == 4 and "position_ids" not in batch
         assert (labels[mask == 0] == IGNORE_INDEX).all()
         assert (ids[mask == 0] == eos).all()
         for row in range(ids.shape[0]):
             n = int(mask[row].sum())
+            assert (mask[row, :n] == 1).all()
             padded_rows += n < ids.shape[1]
-            supervised = (labels[row] != IGNORE_INDEX).nonzero().flatten()
-            assert len(supervised) > 0
-            last = int(supervised[-1])
-            assert last < n
-            assert labels[row, last].item() == eos == ids[row, last].item()
-            sup = labels[row][labels[row] != IGNORE_INDEX]
-            assert torch.equal(sup, ids[row][labels[row] != IGNORE_INDEX])
+            _check_example(ids[row, :n], labels[row, :n], eos)
     assert padded_rows > 0, "no batch had padding; the test would prove nothing"
+
+
+def test_trainer_receives_padding_free_rows(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
+    """Padding-free batches: one row, no pad at all, positions restart per example, and every example
+    keeps its end-of-turn label while its first token (the neighbour boundary) carries none."""
+    seen = _train_recording(tmp_path, tiny_model_dir, monkeypatch, padding_free=True)
+    eos = tokenizer.eos_token_id
+    for batch in seen:
+        ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
+        assert ids.shape[0] == 1 and ids.shape == labels.shape == pos.shape
+        starts = (pos[0] == 0).nonzero().flatten().tolist()
+        assert starts[0] == 0 and len(starts) == 4  # batch_size examples in the row
+        bounds = starts + [ids.shape[1]]
+        for a, b in zip(bounds, bounds[1:]):
+            assert pos[0, a:b].tolist() == list(range(b - a))
+            assert labels[0, a].item() == IGNORE_INDEX
+            _check_example(ids[0, a:b], labels[0, a:b], eos)
 
 
 # --- LoRA gradients -------------------------------------------------------------------------------
@@ -274,7 +314,9 @@ def test_lora_gradients_nonzero_for_every_adapted_layer(tiny_recipe, tiny_model_
 
     config = load_config(tiny_recipe)
     torch.manual_seed(0)
-    model, groups = prepare_model(load_model(str(tiny_model_dir)), config)
+    prepared = prepare_model(load_model(str(tiny_model_dir)), config)
+    # prepare_model returns a PreparedModel (or, in older code, a (model, groups) tuple).
+    model = prepared.model if hasattr(prepared, "model") else prepared[0]
     model.train()
     data = prepare_data(config, tokenizer)
     batch = PaddingCollator(tokenizer.pad_token_id)(
@@ -284,7 +326,7 @@ def test_lora_gradients_nonzero_for_every_adapted_layer(tiny_recipe, tiny_model_
     # all-linear on a 2-layer Llama: q, k, v, o, gate, up, down in each layer.
     assert len(adapted) == 14
 
-    optimizer = torch.optim.AdamW(groups, lr=1e-2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model(**batch).loss.backward()
     for name, m in adapted.items():
         assert m.lora_B["default"].weight.grad.abs().sum() > 0, f"{name}: lora_B has no gradient"

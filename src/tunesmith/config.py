@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from .errors import TunesmithError
 
@@ -60,6 +61,68 @@ class DataConfig(_Section):
         description="Which tokens carry loss: every assistant turn, only the last one, or every token.",
     )
     split: str = Field("train", description="Split to read from a hub dataset.")
+    weights: Optional[list[Number]] = Field(
+        None,
+        description="Weighted mixing: one weight per data.train entry; each dataset's share of the training examples "
+        "is its weight / sum of weights (smaller ones are repeated, larger ones subsampled), spread evenly through training.",
+    )
+    task_prefix: Optional[Union[str, list[Optional[str]]]] = Field(
+        None,
+        description="Text put before the first user message, e.g. `[Translation]`: one for all data, or one per "
+        "data.train entry (applied the same way in training, eval and chat; `--adapter auto` routes by it).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _train_entries_with_options(cls, raw: Any) -> Any:
+        """`train: [{path: a.jsonl, weight: 3, task_prefix: "[A]"}, b.jsonl]` -> train, weights, task_prefix lists."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("train"), list):
+            return raw
+        entries = raw["train"]
+        if not any(isinstance(e, dict) for e in entries):
+            return raw
+        raw = dict(raw)
+        paths, weights, prefixes = [], [], []
+        for i, e in enumerate(entries):
+            if isinstance(e, dict):
+                unknown = sorted(set(e) - {"path", "weight", "task_prefix"})
+                if unknown or "path" not in e:
+                    raise ValueError(
+                        f"data.train[{i}] = {e!r}: an entry is a path, or a mapping with 'path' and optional 'weight' "
+                        "and 'task_prefix'" + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+                    )
+                paths.append(e["path"])
+                weights.append(e.get("weight", 1.0))
+                prefixes.append(e.get("task_prefix"))
+            else:
+                paths.append(e)
+                weights.append(1.0)
+                prefixes.append(None)
+        raw["train"] = paths
+        if any(isinstance(e, dict) and "weight" in e for e in entries):
+            if raw.get("weights") is not None:
+                raise ValueError("data.weights: give the weights either in data.train entries or in data.weights, not both")
+            raw["weights"] = weights
+        if any(p is not None for p in prefixes):
+            if raw.get("task_prefix") is not None:
+                raise ValueError("data.task_prefix: give prefixes either in data.train entries or in data.task_prefix, not both")
+            raw["task_prefix"] = prefixes
+        return raw
+
+    @model_validator(mode="after")
+    def _per_dataset_lists_fit(self) -> "DataConfig":
+        n = len(self.train) if isinstance(self.train, list) else 1
+        if self.weights is not None:
+            if len(self.weights) != n:
+                raise ValueError(f"data.weights has {len(self.weights)} entries but data.train has {n}; give one weight per dataset")
+            if any(w <= 0 for w in self.weights):
+                raise ValueError(f"data.weights = {self.weights}: every weight must be > 0 (remove a dataset instead of weighting it 0)")
+        if isinstance(self.task_prefix, list) and len(self.task_prefix) != n:
+            raise ValueError(
+                f"data.task_prefix has {len(self.task_prefix)} entries but data.train has {n}; give one per dataset "
+                "(null for none) or a single string for all"
+            )
+        return self
 
 
 METHOD_NAMES = ("lora", "dora", "qlora", "vera", "adalora", "loraplus", "full", "freeze", "galore")
@@ -205,6 +268,73 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(128, ge=1, description="Longest generated answer.")
     batch_size: int = Field(16, ge=1, description="Prompts generated together (left-padded).")
     limit: Optional[int] = Field(None, ge=1, description="Score only the first N eval examples.")
+    general_tokens: int = Field(
+        4096, ge=64, description="eval --forgetting: tokens of held-out general text (Python reference docs) for the general perplexity."
+    )
+
+
+class ReplayConfig(_Section):
+    ratio: Number = Field(
+        0.05, gt=0.0, lt=1.0,
+        description="Exact share of training examples taken from the replay source, spread evenly through training.",
+    )
+    source: Union[str, list[str]] = Field(
+        "general",
+        description="`general`: the Python reference text (pydoc_data), never its held-out part that eval --forgetting "
+        "measures; or data file(s) in any supported format.",
+    )
+    chunk_tokens: Optional[int] = Field(
+        None, ge=8,
+        description="`general` source: tokens per replay example; default: the task examples' median supervised tokens, "
+        "so the ratio is also the share of the loss.",
+    )
+
+
+class DistillConfig(_Section):
+    alpha: Number = Field(
+        0.5, ge=0.0, le=1.0,
+        description="loss = alpha * SFT + (1 - alpha) * KD, KD = T^2 * KL(base || trained) on the supervised positions.",
+    )
+    temperature: Number = Field(2.0, gt=0.0, description="Softmax temperature T of both distributions.")
+
+
+class EWCConfig(_Section):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    lambda_: Number = Field(
+        1000.0, ge=0.0, alias="lambda",
+        description="Penalty lambda/2 * sum F * (theta - theta_ref)^2 over the trainable parameters.",
+    )
+    reference: Union[str, list[str]] = Field(
+        "general",
+        description="Data for the Fisher: `general` (Python reference text) or data file(s), e.g. the previous task's.",
+    )
+    samples: int = Field(64, ge=1, description="Reference examples; one forward and backward each.")
+    chunk_tokens: int = Field(128, ge=8, description="`general` reference: tokens per example.")
+
+    @model_serializer(mode="wrap")
+    def _dump_as_lambda(self, handler):
+        out = handler(self)
+        return {("lambda" if k == "lambda_" else k): v for k, v in out.items()} if isinstance(out, dict) else out
+
+
+class RegularizeConfig(_Section):
+    replay: Optional[ReplayConfig] = Field(None, description="Mix general (or other) data into training: `replay: {ratio: 0.05}`.")
+    distill: Optional[DistillConfig] = Field(None, description="Distil from the frozen base: `distill: {alpha: 0.5, temperature: 2}`.")
+    ewc: Optional[EWCConfig] = Field(None, description="Elastic weight consolidation: `ewc: {lambda: 1000}`.")
+
+
+class ContinualConfig(_Section):
+    previous: list[str] = Field(
+        default_factory=list, description="Earlier runs of a task sequence, oldest first (their adapters are reused)."
+    )
+    strategy: Literal["progressive", "o-lora", "merge", "separate"] = Field(
+        "progressive",
+        description="progressive: earlier adapters frozen and active, a new one on top; o-lora: the same plus an "
+        "orthogonality penalty on the A matrices; merge: fold earlier adapters into the base first; separate: an "
+        "independent adapter per task (pick one with --adapter).",
+    )
+    orthogonal_lambda: Number = Field(0.5, ge=0.0, description="o-lora: weight of sum ||A_old A_new^T||^2.")
 
 
 class RunConfig(_Section):
@@ -214,12 +344,31 @@ class RunConfig(_Section):
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    regularize: RegularizeConfig = Field(default_factory=RegularizeConfig)
+    continual: ContinualConfig = Field(default_factory=ContinualConfig)
     output_dir: str = Field("runs/run", description="Where the adapter, checkpoints and reports are written.")
 
     @model_validator(mode="after")
     def _needs_train_data(self) -> "RunConfig":
         if not self.data.train:
             raise ValueError("data.train is required: a data file (.jsonl/.json/.csv/.parquet) or a hub dataset id")
+        return self
+
+    @model_validator(mode="after")
+    def _regularizers_fit(self) -> "RunConfig":
+        r = self.regularize
+        needs_loss = [f"regularize.{k}" for k in ("distill", "ewc") if getattr(r, k) is not None]
+        if self.continual.previous and self.continual.strategy == "o-lora":
+            needs_loss.append("continual.strategy=o-lora")
+        if needs_loss and (not self.train.selective_loss or self.method.name == "adalora"):
+            raise ValueError(
+                f"{', '.join(needs_loss)}: these add loss terms, which need train.selective_loss: true and a method other "
+                f"than adalora (got selective_loss={self.train.selective_loss}, method.name={self.method.name})"
+            )
+        if self.continual.previous and self.method.name not in ("lora", "loraplus"):
+            raise ValueError(
+                f"continual.previous needs method.name lora or loraplus (adapters that stack), got {self.method.name}"
+            )
         return self
 
 
@@ -229,6 +378,8 @@ def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
         path = f"{prefix}{name}"
         paths.append(path)
         ann = field.annotation
+        inner = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        ann = inner[0] if len(inner) == 1 else ann  # Optional[Section]
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             paths.extend(_field_paths(ann, path + "."))
     return paths
@@ -284,11 +435,25 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key:
         raise TunesmithError(f"--set '{text}': the key is empty")
+    return key.split("."), _parse_value(raw)
+
+
+def _parse_value(raw: str) -> Any:
+    """A YAML scalar or list (`1e-4`, `true`, `[q_proj, v_proj]`); anything YAML would reshape stays text."""
+    text = raw.strip()
+    if not text:
+        return ""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
-        value = raw
-    return key.split("."), value
+        return raw
+    if isinstance(value, dict):
+        return raw  # "Answer: JSON only" is a sentence, not a mapping
+    if value is None and text not in ("null", "~", "None"):
+        return raw  # "# heading" is text, not a YAML comment
+    if isinstance(value, str) and value != text:
+        return raw  # YAML dropped part of it (e.g. "... #strict")
+    return value
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -349,6 +514,14 @@ def _resolve_relative_paths(config: RunConfig, base: Path) -> None:
         d.eval = [fix(p) for p in d.eval] if isinstance(d.eval, list) else fix(d.eval)
     if d.chat_template and "{" not in d.chat_template:
         d.chat_template = fix(d.chat_template)
+    fix_all = lambda v: [fix(p) for p in v] if isinstance(v, list) else (v if v == "general" else fix(v))  # noqa: E731
+    r = config.regularize
+    if r.replay is not None:
+        r.replay.source = fix_all(r.replay.source)
+    if r.ewc is not None:
+        r.ewc.reference = fix_all(r.ewc.reference)
+    if config.continual.previous:
+        config.continual.previous = [fix(p) for p in config.continual.previous]
 
 
 def config_to_yaml(config: RunConfig) -> str:

@@ -64,6 +64,10 @@ def check_output_dir(path: Path, overwrite: bool, resume: bool) -> Path | None:
                 "train without --resume to start from scratch"
             )
         return ckpt
+    resolved = path.resolve()
+    if overwrite and (resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents or resolved == Path.home()):
+        raise TunesmithError(f"output_dir '{path}' is the working directory, one of its parents or your home; "
+                             "--overwrite would delete it. Choose a dedicated folder such as runs/my-run")
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise TunesmithError(
             f"output_dir '{path}' already exists and is not empty; pass --overwrite to replace it, "

@@ -17,6 +17,9 @@ from ..methods import load_kwargs as method_load_kwargs
 from ..methods import prepare_model
 from ..modeling import supports_selective_loss
 from ..models import load_model, load_tokenizer
+from .. import continual
+from ..regularize import build_loss_terms
+from ..regularize.replay import mix_stats, prepare_training_data
 from ..rundir import DATA_STATS_FILE, METRICS_FILE, SUMMARY_FILE, check_output_dir, write_config, write_json
 from .callbacks import MetricsFileCallback, ProgressCallback
 from .neftune import NEFTune
@@ -75,7 +78,8 @@ def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, extr
         bf16=use_bf16(t.bf16),
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        logging_steps=t.logging_steps,
+        logging_steps=min(t.logging_steps, t.max_steps) if t.max_steps > 0 else t.logging_steps,
+        logging_first_step=True,
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=2,
@@ -114,18 +118,25 @@ def train(
     set_seed(config.train.seed)
 
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    data = data or prepare_data(config, tokenizer)
+    data = data or prepare_training_data(config, tokenizer)  # prepare_data + task prefixes, weighted mixing, replay
     write_config(out, config)
-    write_json(out / DATA_STATS_FILE, {"train": data.train_stats.as_dict(), "eval": data.eval_stats.as_dict()})
+    write_json(out / DATA_STATS_FILE, {"train": data.train_stats.as_dict(), "eval": data.eval_stats.as_dict(), **mix_stats(data)})
 
     model = load_model(config.model, trust_remote_code=config.trust_remote_code, **method_load_kwargs(config))
     model.config.use_cache = False
+    if config.continual.previous:  # earlier runs' adapters: merged into the base, or loaded beside the new one
+        model = continual.merge_previous_into_base(model, config)
     prepared = prepare_model(model, config, total_steps=planned_steps(config, len(data.train)))
     model = prepared.model
+    if config.continual.previous:
+        continual.attach_previous(prepared, config)
+    loss_terms, regularize_info = build_loss_terms(config, model, tokenizer, data, out, resume=checkpoint is not None)
     neftune = NEFTune(model, config.train.neftune_alpha) if config.train.neftune_alpha else None
 
     progress_cb = ProgressCallback(enabled=progress)
     args = training_arguments(config, out, bool(data.eval), prepared.training_args)
+    if getattr(data, "ordered", False):
+        args.train_sampling_strategy = "sequential"  # mixed data is already in its exact, evenly spread order
     trainer = MethodTrainer(
         model=model,
         args=args,
@@ -136,6 +147,7 @@ def train(
         processing_class=tokenizer,
         callbacks=[progress_cb, MetricsFileCallback(out / METRICS_FILE, progress_cb), *prepared.callbacks],
         selective_loss=use_selective_loss(config, model),
+        loss_terms=loss_terms,
     )
     trainer.remove_callback(PrinterCallback)  # our progress bar and metrics.jsonl replace its raw prints
     start = time.perf_counter()
@@ -146,6 +158,8 @@ def train(
         neftune.remove()
     prepared.save(out)
     tokenizer.save_pretrained(out)
+    if config.continual.previous:
+        continual.save_previous(out, config)
     if prepared.cleanup:
         prepared.cleanup()
     summary = {
@@ -163,7 +177,10 @@ def train(
         "total_parameters": sum(p.numel() for p in model.parameters()),
         "data": {"train": data.train_stats.as_dict(), "eval": data.eval_stats.as_dict()},
     }
+    if regularize_info:
+        summary["regularize"] = regularize_info
     if data.eval:
-        summary["eval_loss"] = round(trainer.evaluate()["eval_loss"], 6)
+        final = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
+        summary["eval_loss"] = round(final[-1]["eval_loss"] if final else trainer.evaluate()["eval_loss"], 6)
     write_json(out / SUMMARY_FILE, summary)
     return TrainResult(out, summary)

@@ -99,3 +99,15 @@ def test_shipped_demo_data_is_what_the_generator_writes(tmp_path):
     booking.write(tmp_path)
     for name in ("booking-train.jsonl", "booking-eval.jsonl"):
         assert (tmp_path / name).read_text() == (REPO / "recipes" / "data" / name).read_text()
+
+
+def test_api_functions_stay_functions_after_their_subpackages_are_imported():
+    import tunesmith
+    import tunesmith.evaluate.run  # noqa: F401
+    import tunesmith.train.run  # noqa: F401
+    from tunesmith.merge import run  # noqa: F401
+
+    assert tunesmith.train is tunesmith.train.__globals__["train"]
+    assert tunesmith.train.__module__ == "tunesmith.train.run"
+    assert tunesmith.evaluate.__module__ == "tunesmith.evaluate.run"
+    assert callable(tunesmith.merge)

@@ -27,8 +27,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 SetOption = typer.Option(None, "--set", help="Override a config key, e.g. --set train.lr=1e-4 (repeatable).")
 JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON.")
 
@@ -199,6 +199,8 @@ def train(
     output_dir: Optional[str] = typer.Option(None, help="Write the run here instead of the recipe's output_dir."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output_dir."),
     resume: bool = typer.Option(False, help="Continue from the last checkpoint in output_dir."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print data stats, the memory bill vs the measured peak "
+                                 "and the time per step over 2 real steps on the longest examples; write no run."),
     as_json: bool = JsonOption,
 ):
     """Fine-tune a model as the recipe says; writes the adapter, metrics and a summary to output_dir."""
@@ -209,6 +211,9 @@ def train(
         overrides.append(f"train.max_steps={max_steps}")
     if output_dir is not None:
         overrides.append(f"output_dir={output_dir}")
+
+    if dry_run:
+        return _train_dry_run(recipe, overrides, as_json)
 
     def go():
         cfg = _config(recipe, overrides)
@@ -230,12 +235,29 @@ def eval_cmd(
     target: str = typer.Argument(..., help="A run folder or a recipe."),
     base: bool = typer.Option(False, help="Score the untouched base model on the same data."),
     limit: Optional[int] = typer.Option(None, help="Score only the first N eval examples."),
+    forgetting: bool = typer.Option(False, "--forgetting", help="Also measure general perplexity (held-out Python "
+                                    "reference text), base vs fine-tuned; with a task sequence, R, average accuracy and BWT."),
+    previous: Optional[List[str]] = typer.Option(None, "--previous", help="--forgetting: earlier runs of the task "
+                                                 "sequence, oldest first (default: the run's continual.previous)."),
+    general_tokens: Optional[int] = typer.Option(None, "--general-tokens", help="--forgetting: tokens of general text "
+                                                 "(default eval.general_tokens)."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Serve with one task's adapters (NAME, see the run's "
+                                          "continual.json) or route each example by its task prefix (auto)."),
     as_json: bool = JsonOption,
 ):
     """Eval loss, perplexity and the task score by greedy generation."""
     from .evaluate.run import evaluate
 
-    report = _run(lambda: evaluate(target, base=base, limit=limit, progress=not as_json))
+    if forgetting:
+        from .evaluate.forgetting import forgetting_report
+
+        if base:
+            _fail(TunesmithError("--forgetting already compares the base with the fine-tuned model; drop --base"))
+
+        report = _run(lambda: forgetting_report(target, previous=previous or None, limit=limit,
+                                                general_tokens=general_tokens, adapter=adapter, progress=not as_json))
+        return _print_json(report) if as_json else _print_forgetting(report)
+    report = _run(lambda: evaluate(target, base=base, limit=limit, progress=not as_json, adapter=adapter))
     if as_json:
         return _print_json(report)
     out.print(
@@ -246,6 +268,22 @@ def eval_cmd(
         out.print(f"  [dim]ref[/]  {s['reference']}\n  [dim]got[/]  {s['prediction']}", highlight=False)
 
 
+def _print_forgetting(report: dict) -> None:
+    t, g = report["task"], report["general"]
+    out.print(f"{report['model']}: {t['scorer']} {t['score']:.1%} on {t['examples']} examples; eval loss {t['eval_loss']:.4f}",
+              highlight=False)
+    out.print(f"general perplexity ({g['tokens']} tokens of {g['corpus']}): base {g['base_perplexity']:.3f} -> "
+              f"fine-tuned {g['perplexity']:.3f} ({g['relative_change']:+.1%})", highlight=False, soft_wrap=True)
+    seq = report.get("sequence")
+    if seq:
+        table = Table("after training", *[f"task {j + 1}" for j in range(len(seq["runs"]))],
+                      title="accuracy matrix R (row: after training task i; column: score on task j)", title_justify="left")
+        for i, (run, row) in enumerate(zip(seq["runs"], seq["R"])):
+            table.add_row(f"{i + 1}: {run}", *[f"{x:.1%}" for x in row])
+        out.print(table)
+        out.print(f"average accuracy {seq['average_accuracy']:.1%}, backward transfer (BWT) {seq['bwt']:+.1%}", highlight=False)
+
+
 @app.command()
 def chat(
     target: str = typer.Argument(..., help="A run folder, a recipe, or a model reference."),
@@ -254,13 +292,16 @@ def chat(
     base: bool = typer.Option(False, help="Talk to the base model without the adapter."),
     max_new_tokens: int = typer.Option(256, help="Longest answer."),
     temperature: float = typer.Option(0.0, help="0 is greedy; above 0 samples."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Serve with one task's adapters (NAME) or route "
+                                          "each message by its task prefix (auto)."),
 ):
     """Talk to a model: /reset clears the history, /system TEXT sets the system message, /exit quits."""
-    from .chat import ChatSession
+    from .continual import make_chat_session
     from .inference import load_for_inference
 
     loaded = _run(lambda: load_for_inference(target, base=base))
-    session = ChatSession(loaded, system=system, max_new_tokens=max_new_tokens, temperature=temperature)
+    session = _run(lambda: make_chat_session(loaded, adapter, system=system, max_new_tokens=max_new_tokens,
+                                             temperature=temperature))  # plain ChatSession unless tasks/prefixes
 
     def answer(text: str) -> None:
         _run(lambda: session.reply(text, on_piece=lambda p: (sys.stdout.write(p), sys.stdout.flush())))
@@ -325,6 +366,92 @@ def merge_cmd(
     path = _run(lambda: run_merge(load_merge_spec(spec, set_ or []), out_dir, overwrite=overwrite))
     out.print(f"merged into {path} in {time.perf_counter() - start:.1f} s; load it with "
               f"AutoModelForCausalLM.from_pretrained('{Path(path)}')", highlight=False, soft_wrap=True)
+
+
+# ---- plan -------------------------------------------------------------------------------------
+def _train_dry_run(recipe: str, overrides: List[str], as_json: bool) -> None:
+    from .plan.measure import dry_run
+    from .plan.render import print_bill, print_measurement
+
+    result = _run(lambda: dry_run(_config(recipe, overrides)))
+    m = result["measurement"]
+    if as_json:
+        return _print_json({"data": result["data"], "bill": m.bill.as_dict(), "measurement": m.as_dict()})
+    table = Table("", "train", "eval", title="data", title_justify="left")
+    for key in result["data"]["train"]:
+        table.add_row(key, str(result["data"]["train"][key]), str(result["data"]["eval"].get(key, "")))
+    out.print(table)
+    print_bill(out, m.bill)
+    print_measurement(out, m)
+    out.print(f"time per step: {m.seconds_per_step:.2f} s ({m.tokens_per_second:.0f} tokens/s) at micro batch "
+              f"{m.batch} x {m.seq_len} tokens; dry run: nothing written", highlight=False)
+
+
+@app.command()
+def plan(
+    model: str = typer.Option("smollm2-135m-instruct", help="Built-in or bundled name (llama-3.1-8b, qwen2.5-7b, ...), "
+                              "a folder or config.json, or a cached hub id."),
+    method: Optional[str] = typer.Option(None, help="lora, dora, qlora, vera, adalora, loraplus, full, freeze, galore. "
+                                         "Without it and with --budget: recommend one."),
+    rank: Optional[int] = typer.Option(None, help="Adapter rank (r; init_r for adalora; galore_rank for galore)."),
+    targets: Optional[str] = typer.Option(None, help="Comma-separated target modules, e.g. q_proj,v_proj (default all-linear)."),
+    seq_len: int = typer.Option(2048, help="Tokens per sequence."),
+    batch: int = typer.Option(1, help="Micro batch (sequences per device and step)."),
+    grad_accum: int = typer.Option(1, help="Gradient accumulation steps."),
+    budget: Optional[str] = typer.Option(None, help="Memory per device, e.g. 24GiB or 80GB."),
+    precision: str = typer.Option("auto", help="auto (what train would run here), fp32, amp (fp32 weights + bf16 "
+                                  "autocast), bf16 (bf16 weights + fp32 master), pure-bf16."),
+    checkpointing: bool = typer.Option(False, help="Gradient checkpointing."),
+    optimizer: str = typer.Option("adamw", help="adamw, adamw8bit or galore."),
+    devices: int = typer.Option(1, help="Data-parallel devices."),
+    zero: int = typer.Option(0, help="ZeRO stage: 0 (DDP), 1, 2, 3 (= FSDP full sharding)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    loss: str = typer.Option("selective", help="selective (tunesmith's chunked loss, the default) or full "
+                             "(transformers' loss: tokens x vocab logits)."),
+    multi_task: bool = typer.Option(False, "--multi-task", help="Recommender: several tasks (LoRA with a higher rank)."),
+    measure: bool = typer.Option(False, "--measure", help="Also run 2 real steps here and print predicted vs measured."),
+    explain: bool = typer.Option(False, "--explain", help="One sentence per line on why it costs what it costs."),
+    as_json: bool = JsonOption,
+):
+    """The memory bill of a training setup, or (with --budget and no --method) the recipe that fits."""
+    from .plan import auto_device, auto_precision, plan as make_plan
+    from .plan.render import print_bill, print_measurement, print_recommendation
+
+    target_list = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
+    if method is None and budget is not None:
+        from .plan.recommend import recommend
+
+        dev = auto_device() if device == "auto" else device
+        prec = auto_precision(dev) if precision == "auto" else precision
+        rec = _run(lambda: recommend(model, budget, seq_len=seq_len, multi_task=multi_task, precision=prec,
+                                     device=dev, devices=devices, zero=zero))
+        return _print_json(rec.as_dict()) if as_json else print_recommendation(out, rec)
+    bill = _run(lambda: make_plan(model, method or "lora", rank=rank, targets=target_list, seq_len=seq_len,
+                                  batch=batch, grad_accum=grad_accum, precision=precision, checkpointing=checkpointing,
+                                  optimizer=optimizer, devices=devices, zero=zero, device=device, loss=loss,
+                                  budget=budget))
+    result = {"bill": bill.as_dict()}
+    if not as_json:
+        print_bill(out, bill, explain=explain)
+    if measure:
+        from .config import load_config
+        from .plan.measure import measure as run_measure
+        from .plan import method_config
+
+        def go():
+            cfg = load_config({"model": model, "data": {"train": "(synthetic)"},
+                               "method": method_config(method or "lora", rank, target_list).model_dump(),
+                               "train": {"gradient_checkpointing": checkpointing, "selective_loss": loss != "full"}})
+            return run_measure(cfg, seq_len=seq_len, batch=batch, grad_accum=grad_accum)
+
+        m = _run(go)
+        result["measurement"] = m.as_dict()
+        if not as_json:
+            print_measurement(out, m)
+    if as_json:
+        _print_json(result)
+    if bill.fits is False:
+        raise typer.Exit(2)
 
 
 def main():

@@ -375,7 +375,7 @@ class RunConfig(_Section):
 def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
     paths = []
     for name, field in model.model_fields.items():
-        path = f"{prefix}{name}"
+        path = f"{prefix}{field.alias or name}"  # `lambda`, not the Python name `lambda_`
         paths.append(path)
         ann = field.annotation
         inner = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]

@@ -70,6 +70,10 @@ def _load_run_model(config: RunConfig, run: Path | None):
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(model, str(run))
+    if config.continual.previous:  # the earlier tasks' adapters, stacked as the run trained (continual.py)
+        from .continual import load_previous_adapters
+
+        load_previous_adapters(model, run)
     if config.method.name == "qlora":
         from .methods.qlora import keep_cpu_gradients_flowing
 

@@ -16,6 +16,17 @@ from .scorers import SCORERS
 
 def eval_conversations(config: RunConfig):
     """The held-out conversations: data.eval, or the same held-out split training used."""
+    if config.data.task_prefix:  # the same prefixes, and the same split, as training (continual.py)
+        from ..continual import load_task_conversations
+
+        which = "eval" if config.data.eval else "train"
+        convs = [(c, w) for c, w, _ in load_task_conversations(config, which)]
+        if which == "eval":
+            return convs
+        _, held = split_conversations(convs, config.data.eval_split, config.train.seed)
+        if not held:
+            raise TunesmithError("no eval data: set data.eval, or a data.eval_split > 0 with more than one training row")
+        return held
     if config.data.eval:
         return load_conversations(config.data.eval, config)
     train = load_conversations(config.data.train, config)
@@ -40,13 +51,26 @@ def score_generations(model, tokenizer, convs, scorer: str, max_new_tokens: int,
     return sum(scores) / len(scores), samples
 
 
-def evaluate(target: str, base: bool = False, limit: int | None = None, progress: bool = True) -> dict:
-    """Score a run folder, a trained recipe, or (with base=True) the recipe's untouched base model."""
+def evaluate(target: str, base: bool = False, limit: int | None = None, progress: bool = True,
+             adapter: str | None = None) -> dict:
+    """Score a run folder, a trained recipe, or (with base=True) the recipe's untouched base model.
+
+    `adapter`: serve with one task's adapters (`NAME`) or route each example by its task prefix (`auto`).
+    """
     loaded = load_for_inference(target, base=base)
     config = loaded.config
     if config is None:
         raise TunesmithError(f"eval needs a run folder or a recipe (to know the eval data), got '{target}'")
-    convs = eval_conversations(config)
+    if adapter is not None:
+        from ..continual import evaluate_routed
+
+        return evaluate_routed(loaded, config, adapter, limit, progress)
+    return evaluate_loaded(loaded, config, limit, progress)
+
+
+def evaluate_loaded(loaded, config: RunConfig, limit: int | None = None, progress: bool = True, convs=None) -> dict:
+    """Score an already loaded model on `config`'s eval data (or `convs`) with `config`'s scorer."""
+    convs = eval_conversations(config) if convs is None else convs
     limit = limit or config.eval.limit
     if limit:
         convs = convs[:limit]
@@ -63,6 +87,7 @@ def evaluate(target: str, base: bool = False, limit: int | None = None, progress
         "score": round(score, 4),
         "eval_loss": round(nll["eval_loss"], 5),
         "perplexity": round(nll["perplexity"], 4),
+        "eval_tokens": nll["eval_tokens"],
         "seconds": round(time.perf_counter() - start, 1),
         "samples": samples[:5],
     }

@@ -45,21 +45,21 @@ def _check_weights(weights: Sequence[float], n: int) -> None:
 
 
 # ---- linear / task arithmetic -----------------------------------------------------------------------
-def linear(tensors: Iterable[Tensor], weights: Sequence[float], normalize: bool = True) -> Tensor:
-    """Weighted sum of the tensors; with `normalize`, divided by the sum of the weights."""
+def linear(tensors: Iterable[Tensor], weights: Sequence[float], normalize: bool = True, consume: bool = False) -> Tensor:
+    """Weighted sum of the tensors; with `normalize`, divided by the sum of the weights.
+
+    With `consume`, the tensors are the caller's to discard and the first may be overwritten.
+    """
     weights = list(weights)
     total = sum(weights)
     if normalize and abs(total) < 1e-12:
         raise ValueError(f"the weights {weights} sum to zero, so normalize cannot divide by their sum")
     acc: Tensor | None = None
-    count = 0
     for w, x in zip(weights, tensors, strict=True):
-        term = _f32(x) * w
-        acc = term if acc is None else acc.add_(term)
-        count += 1
+        acc = _own(x, consume).mul_(w) if acc is None else acc.add_(x, alpha=w)
+        del x
     if acc is None:
         raise ValueError("linear needs at least one tensor")
-    _check_weights(weights, count)
     if normalize:
         acc.div_(total)
     return acc
@@ -71,10 +71,12 @@ def task_arithmetic(
     weights: Sequence[float],
     lambda_: float = 1.0,
     normalize: bool = False,
+    consume: bool = False,
 ) -> Tensor:
     """base + lambda * sum(w_i * delta_i); a None delta is a zero task vector (an untouched tensor).
 
-    Negative weights subtract a task vector (e.g. remove a skill).
+    Negative weights subtract a task vector (e.g. remove a skill). With `consume`, the deltas are the
+    caller's to discard and the first may be overwritten.
     """
     weights = list(weights)
     total = sum(weights)
@@ -84,13 +86,12 @@ def task_arithmetic(
     for w, d in zip(weights, deltas, strict=True):
         if d is None or w == 0:
             continue
-        term = _f32(d) * w
-        acc = term if acc is None else acc.add_(term)
-    out = _f32(base).clone()
+        acc = _own(d, consume).mul_(w) if acc is None else acc.add_(d, alpha=w)
+        del d
     if acc is None:
-        return out
+        return _f32(base).clone()
     scale = lambda_ / total if normalize else lambda_
-    return out.add_(acc, alpha=scale)
+    return acc.mul_(scale).add_(base)
 
 
 # ---- slerp ------------------------------------------------------------------------------------------
@@ -141,50 +142,60 @@ def keep_count(numel: int, density: float) -> int:
     return min(numel, int(math.floor(density * numel + 0.5)))
 
 
-def magnitude_trim(delta: Tensor, density: float) -> Tensor:
+def _own(x: Tensor, consume: bool) -> Tensor:
+    """A float32 tensor this function may overwrite: x itself when the caller gave it away."""
+    if consume and x.dtype == torch.float32 and x.is_contiguous():
+        return x
+    return x.to(torch.float32, copy=True).contiguous()
+
+
+def magnitude_trim(delta: Tensor, density: float, consume: bool = False) -> Tensor:
     """Keep the round(density * n) entries of largest magnitude, zero the rest (TIES' trim step).
 
     Entries tied in magnitude with the last one kept are all kept, so the result does not depend on
-    the order of equal values.
+    the order of equal values. With `consume`, `delta` may be overwritten (the engine's saves memory).
     """
-    d = _f32(delta)
-    n = d.numel()
+    n = delta.numel()
     k = keep_count(n, density)
     if k >= n:
-        return d.clone()
+        return _own(delta, consume)
     if k <= 0:
-        return torch.zeros_like(d)
-    mag = d.abs()
-    threshold = torch.kthvalue(mag.reshape(-1), n - k + 1).values
-    return torch.where(mag >= threshold, d, torch.zeros((), dtype=d.dtype))
+        return torch.zeros(delta.shape, dtype=torch.float32)
+    mag = delta.abs().to(torch.float32).reshape(-1)
+    mag.numpy().partition(n - k)  # in place, O(n): mag[n - k] is the k-th largest magnitude
+    threshold = float(mag[n - k])
+    del mag
+    out = _own(delta, consume)
+    return out.masked_fill_(out.abs() < threshold, 0.0)
 
 
-def dare_drop(delta: Tensor, density: float, seed: int | torch.Generator, rescale: str = "inverse_density") -> Tensor:
+def dare_drop(delta: Tensor, density: float, seed: int | torch.Generator, rescale: str = "inverse_density",
+              consume: bool = False) -> Tensor:
     """Drop each entry with probability 1 - density (DARE) and rescale the kept ones.
 
     rescale: `inverse_density` multiplies by 1/density, so the expectation over seeds is the
     undropped delta (the paper's rule); `norm` scales the kept entries so the tensor keeps its L2
-    norm; `none` leaves them as they are. The same seed gives the same mask.
+    norm; `none` leaves them as they are. The same seed gives the same mask. With `consume`, `delta`
+    may be overwritten.
     """
     if rescale not in RESCALE_RULES:
         raise ValueError(f"rescale must be one of {RESCALE_RULES}, got {rescale!r}")
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
-    d = _f32(delta)
     if density >= 1.0:
-        return d.clone()
+        return _own(delta, consume)
     gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
-    keep = torch.rand(d.shape, generator=gen) < density
-    kept = torch.where(keep, d, torch.zeros((), dtype=d.dtype))
-    del keep
+    drop = torch.empty(delta.shape, dtype=torch.bool).bernoulli_(1.0 - density, generator=gen)
+    before = float(torch.linalg.vector_norm(delta.to(torch.float32))) if rescale == "norm" else 0.0
+    out = _own(delta, consume).masked_fill_(drop, 0.0)
+    del drop
     if rescale == "inverse_density":
-        kept.div_(density)
+        out.div_(density)
     elif rescale == "norm":
-        before = float(torch.linalg.vector_norm(d))
-        after = float(torch.linalg.vector_norm(kept))
+        after = float(torch.linalg.vector_norm(out))
         if after > 0:
-            kept.mul_(before / after)
-    return kept
+            out.mul_(before / after)
+    return out
 
 
 # ---- ties -------------------------------------------------------------------------------------------
@@ -192,31 +203,36 @@ def elect_sign(weighted_deltas: Sequence[Tensor]) -> Tensor:
     """The sign per entry of the sum of the weighted deltas: +1, -1, or 0 for a tie (sum exactly 0)."""
     total = None
     for wd in weighted_deltas:
-        total = _f32(wd).clone() if total is None else total.add_(wd)
+        total = wd.to(torch.float32, copy=True) if total is None else total.add_(wd)
     if total is None:
         raise ValueError("elect_sign needs at least one tensor")
-    return torch.sign(total)
+    return total.sign_()
 
 
 def disjoint_merge(
-    weighted_deltas: Sequence[Tensor], weights: Sequence[float], sign: Tensor, normalize: bool = True
+    weighted_deltas: Sequence[Tensor], weights: Sequence[float], sign: Tensor, normalize: bool = True,
+    consume: bool = False,
 ) -> Tensor:
     """Sum of the weighted deltas whose sign agrees with `sign` (zeros never agree).
 
     With `normalize`, each entry is divided by the sum of |w_i| over the models that agree there, so it
-    is the weighted mean of the agreeing (signed) deltas; an entry where none agree is 0.
+    is the weighted mean of the agreeing (signed) deltas; an entry where none agree is 0. With
+    `consume`, the weighted deltas may be overwritten.
     """
     _check_weights(weights, len(weighted_deltas))
-    numerator = torch.zeros_like(sign, dtype=torch.float32)
-    divisor = torch.zeros_like(sign, dtype=torch.float32) if normalize else None
-    for wd, w in zip(weighted_deltas, weights):
-        agree = (torch.sign(wd) == sign) & (wd != 0)
-        numerator.add_(torch.where(agree, _f32(wd), torch.zeros((), dtype=torch.float32)))
+    numerator: Tensor | None = None
+    divisor = torch.zeros(sign.shape, dtype=torch.float32) if normalize else None
+    for i, w in enumerate(weights):
+        wd = _own(weighted_deltas[i], consume)
+        agree = torch.mul(wd, sign).gt_(0)  # 1.0 where the signs agree and neither is 0
+        wd.mul_(agree)
         if divisor is not None:
-            divisor.add_(agree.to(torch.float32), alpha=abs(w))
+            divisor.add_(agree, alpha=abs(w))
         del agree
+        numerator = wd if numerator is None else numerator.add_(wd)
+        del wd
     if divisor is not None:
-        numerator.div_(divisor.clamp_(min=1e-12))  # where divisor is 0 the numerator is 0 too
+        numerator.div_(divisor.clamp_(min=1e-12))  # where the divisor is 0 the numerator is 0 too
     return numerator
 
 
@@ -226,8 +242,12 @@ def ties_delta(
     densities: Sequence[float] | float,
     normalize: bool = True,
     sparsify=None,
+    consume: bool = False,
 ) -> Tensor | None:
-    """TIES' merged task vector: trim (or `sparsify(i, delta)`), elect sign, disjoint mean."""
+    """TIES' merged task vector: trim (or `sparsify(i, delta)`), elect sign, disjoint mean.
+
+    With `consume`, the deltas are the caller's to discard and may be overwritten.
+    """
     weights = list(weights)
     n = len(weights)
     dens = [float(densities)] * n if isinstance(densities, (int, float)) else list(densities)
@@ -236,14 +256,14 @@ def ties_delta(
     for i, (w, d) in enumerate(zip(weights, deltas, strict=True)):
         if d is None or w == 0:
             continue
-        sparse = sparsify(i, d) if sparsify is not None else magnitude_trim(d, dens[i])
+        sparse = sparsify(i, d) if sparsify is not None else magnitude_trim(d, dens[i], consume)
         del d
         weighted.append(sparse.mul_(w))
         used_weights.append(w)
     if not weighted:
         return None
     sign = elect_sign(weighted)
-    return disjoint_merge(weighted, used_weights, sign, normalize)
+    return disjoint_merge(weighted, used_weights, sign, normalize, consume=True)
 
 
 def ties(
@@ -253,11 +273,13 @@ def ties(
     densities: Sequence[float] | float,
     lambda_: float = 1.0,
     normalize: bool = True,
+    consume: bool = False,
 ) -> Tensor:
     """base + lambda * ties_delta(...) (see the module docstring)."""
-    merged = ties_delta(deltas, weights, densities, normalize)
-    out = _f32(base).clone()
-    return out if merged is None else out.add_(merged, alpha=lambda_)
+    merged = ties_delta(deltas, weights, densities, normalize, consume=consume)
+    if merged is None:
+        return _f32(base).clone()
+    return merged.mul_(lambda_).add_(base)
 
 
 def dare_linear(
@@ -269,6 +291,7 @@ def dare_linear(
     lambda_: float = 1.0,
     normalize: bool = False,
     rescale: str = "inverse_density",
+    consume: bool = False,
 ) -> Tensor:
     """DARE each delta (seeded per model), then task arithmetic."""
     weights = list(weights)
@@ -276,9 +299,9 @@ def dare_linear(
 
     def dropped():
         for i, d in enumerate(deltas):
-            yield None if d is None else dare_drop(d, dens[i], seeds[i], rescale)
+            yield None if d is None else dare_drop(d, dens[i], seeds[i], rescale, consume)
 
-    return task_arithmetic(base, dropped(), weights, lambda_, normalize)
+    return task_arithmetic(base, dropped(), weights, lambda_, normalize, consume=True)
 
 
 def dare_ties(
@@ -290,11 +313,14 @@ def dare_ties(
     lambda_: float = 1.0,
     normalize: bool = True,
     rescale: str = "inverse_density",
+    consume: bool = False,
 ) -> Tensor:
     """DARE each delta (seeded per model), then TIES' sign election and disjoint mean."""
     dens = [float(densities)] * len(weights) if isinstance(densities, (int, float)) else list(densities)
     merged = ties_delta(
-        deltas, weights, dens, normalize, sparsify=lambda i, d: dare_drop(d, dens[i], seeds[i], rescale)
+        deltas, weights, dens, normalize, consume=consume,
+        sparsify=lambda i, d: dare_drop(d, dens[i], seeds[i], rescale, consume),
     )
-    out = _f32(base).clone()
-    return out if merged is None else out.add_(merged, alpha=lambda_)
+    if merged is None:
+        return _f32(base).clone()
+    return merged.mul_(lambda_).add_(base)

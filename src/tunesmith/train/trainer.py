@@ -73,7 +73,9 @@ class MethodTrainer(Trainer):
         head = causal_lm(model).get_output_embeddings()
         normalizer = num_items_in_batch if model.training and num_items_in_batch else None
         loss, _ = selective_cross_entropy(hidden, head.weight, labels, normalizer)
-        if model.training:
+        if model.training and self.loss_terms:
+            # Terms see the same normaliser as the SFT sum (supervised tokens of the accumulated batch).
+            term_inputs = {**inputs, "num_items_in_batch": normalizer}
             for term in self.loss_terms:
-                loss = loss + term(model, inputs, hidden)
+                loss = loss + term(model, term_inputs, hidden)
         return (loss, {"loss": loss}) if return_outputs else loss

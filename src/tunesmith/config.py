@@ -14,6 +14,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationE
                       model_validator)
 
 from .errors import TunesmithError
+from .yamlfile import read_yaml_mapping
 
 
 _SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -480,14 +481,7 @@ def load_config(source: Union[str, Path, dict, None] = None, overrides: Optional
         raw, name = dict(source), "config"
     else:
         path = Path(source)
-        if not path.is_file():
-            raise TunesmithError(f"recipe '{source}' does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise TunesmithError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise TunesmithError(f"{path}: the top level must be a mapping of keys (model, data, method, train, ...)")
+        raw = read_yaml_mapping(path, "recipe", "model, data, method, train")
         name, base_dir = str(path), path.parent
     raw = apply_overrides(raw, overrides or [])
     try:

@@ -10,6 +10,8 @@ import json
 import random
 from pathlib import Path
 
+from .files import write_task
+
 INSTRUCTION = "Extract the booking as JSON with the keys name, city, date (YYYY-MM-DD) and guests."
 
 FIRST = ["Maria", "John", "Aiko", "Liam", "Fatima", "Noah", "Chen", "Olivia", "Ravi", "Sofia", "Lucas", "Amara",
@@ -69,13 +71,7 @@ def generate(n_train: int = 600, n_eval: int = 100, seed: int = 0) -> tuple[list
 
 
 def write(out_dir: str | Path, n_train: int = 600, n_eval: int = 100, seed: int = 0) -> tuple[Path, Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    train, held_out = generate(n_train, n_eval, seed)
-    paths = out / "booking-train.jsonl", out / "booking-eval.jsonl"
-    for path, rows in zip(paths, (train, held_out)):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return paths
+    return write_task(out_dir, "booking", *generate(n_train, n_eval, seed))
 
 
 if __name__ == "__main__":

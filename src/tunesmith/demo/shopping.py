@@ -21,6 +21,7 @@ import random
 from pathlib import Path
 
 from ..evaluate.scorers import exact_match
+from .files import write_task
 
 INSTRUCTION = "Write the shopping list, one `item: quantity` line per item, in the order mentioned."
 SCORER = "exact_match"
@@ -84,13 +85,7 @@ def score(prediction: str, reference: str) -> float:
 
 
 def write(out_dir: str | Path, n_train: int = 600, n_eval: int = 100, seed: int = 0) -> tuple[Path, Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    train, held_out = generate(n_train, n_eval, seed)
-    paths = out / "shopping-train.jsonl", out / "shopping-eval.jsonl"
-    for path, rows in zip(paths, (train, held_out)):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return paths
+    return write_task(out_dir, "shopping", *generate(n_train, n_eval, seed))
 
 
 if __name__ == "__main__":

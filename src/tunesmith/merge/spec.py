@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..config import Number, _key_path, parse_override
 from ..errors import TunesmithError
+from ..yamlfile import read_yaml_mapping
 from .io import parse_size
 
 METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -308,14 +309,7 @@ def load_merge_spec(source: Union[str, Path, dict, MergeSpec], overrides: Option
         raw, name = dict(source), "merge spec"
     else:
         path = Path(source)
-        if not path.is_file():
-            raise TunesmithError(f"merge spec '{source}' does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise TunesmithError(f"{path}: not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise TunesmithError(f"{path}: the top level must be a mapping (method, base_model, models, ...)")
+        raw = read_yaml_mapping(path, "merge spec", "method, base_model, models")
         name, base_dir = str(path), path.parent
     raw = apply_spec_overrides(raw, list(overrides or []))
     try:

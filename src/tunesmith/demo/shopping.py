@@ -16,7 +16,6 @@ The output is plain lines, not JSON, so a model that learned only the booking ta
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 

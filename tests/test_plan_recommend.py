@@ -105,25 +105,46 @@ def test_cli_plan_errors(args, message):
 
 
 # ---- measured ------------------------------------------------------------------------------------
+# Peak RSS is a property of a whole process; a long test session's heap would blur it, so each
+# measurement runs in a fresh interpreter, as `tunesmith plan --measure` does.
+def in_fresh_process(code: str) -> dict:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_measured_peak_matches_the_bill_on_the_builtin_model(method):
-    from tunesmith.plan.measure import measure
-
-    cfg = load_config({"model": "smollm2-135m-instruct", "data": {"train": "x"}, "method": {"name": method},
-                       "train": {"bf16": False}})
-    m = measure(cfg, seq_len=64, batch=1, steps=2)
-    assert m.measured > 0 and m.seconds_per_step > 0
-    assert abs(m.error) <= 0.15, m.as_dict()
+    m = in_fresh_process(f"""
+import json
+from tunesmith.quiet import quiet_libraries
+quiet_libraries()
+from tunesmith.config import load_config
+from tunesmith.plan.measure import measure
+cfg = load_config({{"model": "smollm2-135m-instruct", "data": {{"train": "x"}}, "method": {{"name": "{method}"}},
+                   "train": {{"bf16": False}}}})
+print(json.dumps(measure(cfg, seq_len=64, batch=1, steps=2).as_dict()))
+""")
+    assert m["measured_bytes"] > 0 and m["seconds_per_step"] > 0
+    assert abs(m["error"]) <= 0.15, m
 
 
 @pytest.mark.slow
 def test_train_dry_run_prints_stats_bill_and_measurement(tiny_recipe, tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe))
-    r = runner.invoke(app, ["train", str(path), "--dry-run", "--json"])
-    assert r.exit_code == 0, r.output
-    d = json.loads(r.output)
+    d = in_fresh_process(f"""
+import json, sys
+from typer.testing import CliRunner
+from tunesmith.cli import app
+r = CliRunner().invoke(app, ["train", {str(path)!r}, "--dry-run", "--json"])
+assert r.exit_code == 0, r.output
+print(json.dumps(json.loads(r.output)))
+""")
     assert d["data"]["train"]["examples"] > 0
     assert d["measurement"]["measured_bytes"] > 0 and d["measurement"]["seconds_per_step"] > 0
     assert abs(d["measurement"]["error"]) <= 0.15
@@ -131,15 +152,15 @@ def test_train_dry_run_prints_stats_bill_and_measurement(tiny_recipe, tmp_path):
 
 
 def test_peak_rss_tracker_sees_a_short_lived_allocation():
-    import torch
-
-    from tunesmith.plan.measure import PeakRSS, keep_rss_live, rss
-
-    keep_rss_live()
-    before = rss()
-    tracker = PeakRSS()
-    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-    del x
-    peak = tracker.peak()
-    assert peak - before >= 60 * 2**20
-    assert rss() - before < 32 * 2**20  # handed back: RSS follows the live tensors
+    d = in_fresh_process("""
+import json, torch
+from tunesmith.plan.measure import PeakRSS, keep_rss_live, rss
+keep_rss_live()
+before = rss()
+tracker = PeakRSS()
+x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+del x
+print(json.dumps({"peak": tracker.peak() - before, "after": rss() - before}))
+""")
+    assert d["peak"] >= 60 * 2**20
+    assert d["after"] < 32 * 2**20  # handed back: RSS follows the live tensors

@@ -115,7 +115,6 @@ def test_lora_ratio_option_on_plain_lora(tiny_recipe, tiny_model_dir):
 def test_pissa_olora_adapters_reload_exactly(tiny_recipe, tiny_model_dir, tokenizer, init):
     config = cfg(tiny_recipe, name="lora", r=4, alpha=4, init=init, dropout=0.0)
     run = train(config, progress=False)
-    trained_model = run.trained_model if hasattr(run, "trained_model") else None
     reloaded = load_for_inference(str(run.output_dir)).model
     x = prompt_ids(tokenizer)
     with torch.no_grad():
@@ -127,12 +126,10 @@ def test_pissa_olora_adapters_reload_exactly(tiny_recipe, tiny_model_dir, tokeni
     with torch.no_grad():
         torch.testing.assert_close(plain(x).logits, got, atol=1e-5, rtol=0)
         assert (got - fresh(tiny_model_dir)(x).logits).abs().max() > 1e-4  # it did learn something
-    del trained_model
 
 
 def test_pissa_reload_equals_the_in_memory_trained_model(tiny_recipe, tiny_model_dir, tokenizer):
-    from tunesmith.data.dataset import prepare_data
-    from tunesmith.methods.lora import peft_saver
+    from pathlib import Path
 
     config = cfg(tiny_recipe, name="lora", r=4, alpha=4, init="pissa", dropout=0.0)
     prepared = prepare_model(fresh(tiny_model_dir), config)
@@ -146,13 +143,12 @@ def test_pissa_reload_equals_the_in_memory_trained_model(tiny_recipe, tiny_model
     with torch.no_grad():
         want = model(x).logits
     out = tiny_recipe["output_dir"]
-    prepared.save(__import__("pathlib").Path(out))
+    prepared.save(Path(out))
     from peft import PeftModel
 
     reloaded = PeftModel.from_pretrained(fresh(tiny_model_dir), out).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x).logits, want, atol=1e-4, rtol=0)
-    del prepare_data, peft_saver
 
 
 def test_freeze_trains_only_the_last_layers(tiny_recipe, tiny_model_dir):

@@ -5,6 +5,8 @@ import json
 import threading
 from pathlib import Path
 
+import pytest
+
 from tunesmith import models
 from tunesmith.demo import booking
 from tunesmith.evaluate.scorers import json_match
@@ -68,10 +70,8 @@ def test_a_crash_during_conversion_leaves_no_cache(tmp_path, monkeypatch):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(models, "_convert_gguf", crash)
-    try:
+    with pytest.raises(RuntimeError, match="disk full"):
         models.pull_builtin("smollm2-135m-instruct")
-    except RuntimeError:
-        pass
     assert not models.is_builtin_cached("smollm2-135m-instruct")
     assert list((tmp_path / "models").iterdir()) == []
 

@@ -8,7 +8,7 @@ def bf16_supported() -> bool:
     """bf16 autocast pays off on GPUs that support it and on CPUs with AMX tiles.
 
     On a CPU with only AVX512-BF16 (no AMX) autocast measured slower than fp32 for the built-in
-    model (LoRA step 133 vs 214 tokens/s), so `auto` keeps fp32 there.
+    model (a full forward+backward: 133 vs 214 tokens/s), so `auto` keeps fp32 there.
     """
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()

@@ -10,7 +10,7 @@ import json
 import random
 from pathlib import Path
 
-from .files import write_task
+from .files import unique_splits, write_task
 
 INSTRUCTION = "Extract the booking as JSON with the keys name, city, date (YYYY-MM-DD) and guests."
 
@@ -59,15 +59,7 @@ def make_example(rng: random.Random) -> dict:
 
 def generate(n_train: int = 600, n_eval: int = 100, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Disjoint train and held-out sets (no sentence appears in both)."""
-    rng = random.Random(seed)
-    seen: set[str] = set()
-    examples: list[dict] = []
-    while len(examples) < n_train + n_eval:
-        ex = make_example(rng)
-        if ex["input"] not in seen:
-            seen.add(ex["input"])
-            examples.append(ex)
-    return examples[:n_train], examples[n_train:]
+    return unique_splits(make_example, n_train, n_eval, seed)
 
 
 def write(out_dir: str | Path, n_train: int = 600, n_eval: int = 100, seed: int = 0) -> tuple[Path, Path]:

@@ -20,7 +20,7 @@ import random
 from pathlib import Path
 
 from ..evaluate.scorers import exact_match
-from .files import write_task
+from .files import unique_splits, write_task
 
 INSTRUCTION = "Write the shopping list, one `item: quantity` line per item, in the order mentioned."
 SCORER = "exact_match"
@@ -67,15 +67,7 @@ def make_example(rng: random.Random) -> dict:
 
 def generate(n_train: int = 600, n_eval: int = 100, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """Disjoint train and held-out sets (no sentence appears in both)."""
-    rng = random.Random(seed)
-    seen: set[str] = set()
-    examples: list[dict] = []
-    while len(examples) < n_train + n_eval:
-        ex = make_example(rng)
-        if ex["input"] not in seen:
-            seen.add(ex["input"])
-            examples.append(ex)
-    return examples[:n_train], examples[n_train:]
+    return unique_splits(make_example, n_train, n_eval, seed)
 
 
 def score(prediction: str, reference: str) -> float:

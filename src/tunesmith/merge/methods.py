@@ -282,6 +282,10 @@ def ties(
     return merged.mul_(lambda_).add_(base)
 
 
+def _per_model(densities: Sequence[float] | float, n: int) -> list[float]:
+    return [float(densities)] * n if isinstance(densities, (int, float)) else list(densities)
+
+
 def dare_linear(
     base: Tensor,
     deltas: Iterable[Tensor | None],
@@ -295,7 +299,7 @@ def dare_linear(
 ) -> Tensor:
     """DARE each delta (seeded per model), then task arithmetic."""
     weights = list(weights)
-    dens = [float(densities)] * len(weights) if isinstance(densities, (int, float)) else list(densities)
+    dens = _per_model(densities, len(weights))
 
     def dropped():
         for i, d in enumerate(deltas):
@@ -316,7 +320,7 @@ def dare_ties(
     consume: bool = False,
 ) -> Tensor:
     """DARE each delta (seeded per model), then TIES' sign election and disjoint mean."""
-    dens = [float(densities)] * len(weights) if isinstance(densities, (int, float)) else list(densities)
+    dens = _per_model(densities, len(weights))
     merged = ties_delta(
         deltas, weights, dens, normalize, consume=consume,
         sparsify=lambda i, d: dare_drop(d, dens[i], seeds[i], rescale, consume),

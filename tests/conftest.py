@@ -51,3 +51,12 @@ def tiny_recipe(tmp_path, tiny_model_dir, booking_rows):
         "eval": {"scorer": "json_match", "max_new_tokens": 8, "batch_size": 4, "limit": 4},
         "output_dir": str(tmp_path / "run"),
     }
+
+
+@pytest.fixture(autouse=True)
+def _general_answers_in_tmp(tmp_path_factory, monkeypatch):
+    """Cached base-model answers (eval --forgetting) go to a temp folder, not the user's cache."""
+    from tunesmith.evaluate import general_questions
+
+    home = tmp_path_factory.getbasetemp() / "tunesmith-home"
+    monkeypatch.setattr(general_questions, "tunesmith_home", lambda: home)

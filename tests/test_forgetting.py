@@ -102,10 +102,12 @@ def perturbed_run(tmp_path_factory, tiny_model_dir):
     return run
 
 
-def test_forgetting_report_base_vs_finetuned(perturbed_run, tiny_model_dir, tokenizer):
+def test_forgetting_report_base_vs_finetuned(perturbed_run, tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    from tunesmith.evaluate import general_questions as gq
     from tunesmith.evaluate.forgetting import forgetting_report
     from tunesmith.models import load_model
 
+    monkeypatch.setattr(gq, "tunesmith_home", lambda: tmp_path)
     report = forgetting_report(str(perturbed_run), limit=2, progress=False)
     g = report["general"]
     assert g["tokens"] == 255  # eval.general_tokens = 256: one block
@@ -117,6 +119,43 @@ def test_forgetting_report_base_vs_finetuned(perturbed_run, tiny_model_dir, toke
     assert g["relative_change"] == pytest.approx((g["perplexity"] - g["base_perplexity"]) / g["base_perplexity"], abs=1e-3)
     assert report["task"]["examples"] == 2 and report["task"]["scorer"] == "json_match"
     assert "sequence" not in report
+
+    # General questions: the base's greedy answers are cached, and scored under the base loaded on its own.
+    q = report["general_questions"]
+    [cached] = (tmp_path / "general-answers").glob("*.json")
+    answers = json.loads(cached.read_text())["answers"]
+    base = load_model(str(tiny_model_dir)).eval()
+    assert answers == gq.answer_questions(base, tokenizer)
+    alone = gq.answer_perplexity(base, tokenizer, gq.QUESTIONS, answers)["perplexity"]
+    assert q["questions"] == len(gq.QUESTIONS) and q["base_answer_perplexity"] == pytest.approx(alone, rel=1e-4)
+    from tunesmith.inference import load_for_inference
+
+    tuned = load_for_inference(str(perturbed_run)).model
+    assert q["answer_perplexity"] == pytest.approx(gq.answer_perplexity(tuned, tokenizer, gq.QUESTIONS, answers)["perplexity"], rel=1e-4)
+    assert q["answer_perplexity"] != pytest.approx(q["base_answer_perplexity"], rel=1e-4)  # the adapter changes them
+    assert 0.0 <= q["same_answers"] < 1.0
+
+
+def test_base_answers_are_generated_once(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
+    from tunesmith.evaluate import general_questions as gq
+    from tunesmith.models import load_model
+
+    monkeypatch.setattr(gq, "tunesmith_home", lambda: tmp_path)
+    questions = gq.QUESTIONS[:3]
+    first = gq.base_answers(load_model(str(tiny_model_dir)).eval(), tokenizer, "tiny", questions)
+
+    class Unusable:  # a second call must read the cache, never generate
+        def parameters(self):
+            raise AssertionError("generated again")
+
+    assert gq.base_answers(Unusable(), tokenizer, "tiny", questions) == first
+    assert gq.cache_path("tiny", tokenizer, questions) != gq.cache_path("other base", tokenizer, questions)
+
+
+def test_same_answer_share_by_hand():
+    from tunesmith.evaluate.general_questions import same_answer_share
+
+    assert same_answer_share(["a", "b", "c", "d"], ["a", "x", "c", "y"]) == 0.5
 
 
 def test_forgetting_sequence_and_cli(perturbed_run, capsys):
@@ -141,4 +180,4 @@ def test_forgetting_sequence_and_cli(perturbed_run, capsys):
     _print_forgetting(report)  # the human-readable form of the same report
     text = capsys.readouterr().out
     assert "general perplexity (127 tokens" in text and "base" in text and "accuracy matrix R" in text
-    assert "backward transfer (BWT)" in text
+    assert "backward transfer (BWT)" in text and "general questions" in text

@@ -274,6 +274,10 @@ def _print_forgetting(report: dict) -> None:
               highlight=False)
     out.print(f"general perplexity ({g['tokens']} tokens of {g['corpus']}): base {g['base_perplexity']:.3f} -> "
               f"fine-tuned {g['perplexity']:.3f} ({g['relative_change']:+.1%})", highlight=False, soft_wrap=True)
+    q = report["general_questions"]
+    out.print(f"base model's answers to {q['questions']} general questions: perplexity base {q['base_answer_perplexity']:.3f} -> "
+              f"fine-tuned {q['answer_perplexity']:.3f} ({q['relative_change']:+.1%}); same answer word for word: "
+              f"{q['same_answers']:.0%}", highlight=False, soft_wrap=True)
     seq = report.get("sequence")
     if seq:
         table = Table("after training", *[f"task {j + 1}" for j in range(len(seq["runs"]))],

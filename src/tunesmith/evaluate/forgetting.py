@@ -4,6 +4,8 @@ General ability is measured as perplexity on held-out general English: the Pytho
 with every Python install (`pydoc_data.topics.topics`, about 465k characters in 79 topics). The topics
 are split once, by name: every fifth topic (sorted) is held out for measuring, the rest is what
 `regularize.replay` and `regularize.ewc` may train on, so replay never trains on the measured text.
+Beside it, the base model's own answers to everyday questions (general_questions.py): how much less the
+fine-tuned model expects them, and how many it still gives word for word.
 
 For a task sequence (run 1, then run 2 trained after it, ...), R[i][j] is the score on task j of the
 model after training task i. Average accuracy = mean_j R[n-1][j]; backward transfer
@@ -14,11 +16,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from pathlib import Path
 from typing import Literal
 
 import torch
 
 from ..errors import TunesmithError
+from .general_questions import QUESTIONS, answer_perplexity, answer_questions, base_answers, same_answer_share
 
 GENERAL_CORPUS = "pydoc_data.topics (Python reference)"
 HELDOUT_EVERY, HELDOUT_OFFSET = 5, 2
@@ -89,17 +93,23 @@ def _adapters_on_original_base(loaded) -> bool:
     return callable(getattr(loaded.model, "disable_adapter", None))
 
 
-def base_general_perplexity(loaded, target: str, blocks: list[list[int]]) -> dict:
-    """The same measure on the untouched base: adapters switched off in place, or the base loaded alone."""
+@contextlib.contextmanager
+def base_model(loaded, target: str):
+    """The untouched base, as (model, cache label): adapters switched off in place, or the base loaded alone."""
+    config = loaded.config
+    ref = Path(config.model)
+    label = str(ref.resolve()) if ref.exists() else config.model
     if _adapters_on_original_base(loaded):
         with loaded.model.disable_adapter():
-            return general_perplexity(loaded.model, blocks)
+            yield loaded.model, label + (" (nf4)" if config.method.name == "qlora" else "")
+        return
     from ..inference import load_for_inference
 
     base = load_for_inference(target, base=True)
-    result = general_perplexity(base.model, blocks)
-    del base
-    return result
+    try:
+        yield base.model, label
+    finally:
+        del base
 
 
 def sequence_metrics(R: list[list[float]]) -> dict:
@@ -180,7 +190,12 @@ def forgetting_report(
     budget = general_tokens or config.eval.general_tokens
     blocks = general_blocks(loaded.tokenizer, "heldout", min(DEFAULT_BLOCK_TOKENS, budget), budget)
     tuned = general_perplexity(loaded.model, blocks)
-    base = base_general_perplexity(loaded, target, blocks)
+    with base_model(loaded, target) as (base_lm, base_label):
+        base = general_perplexity(base_lm, blocks)
+        reference = base_answers(base_lm, loaded.tokenizer, base_label)
+        base_answer_ppl = answer_perplexity(base_lm, loaded.tokenizer, QUESTIONS, reference)
+    answer_ppl = answer_perplexity(loaded.model, loaded.tokenizer, QUESTIONS, reference)
+    same = same_answer_share(answer_questions(loaded.model, loaded.tokenizer), reference)
     if adapter is not None:
         from ..continual import evaluate_routed
 
@@ -196,6 +211,13 @@ def forgetting_report(
             "base_perplexity": round(base["perplexity"], 4),
             "perplexity": round(tuned["perplexity"], 4),
             "relative_change": round(relative_change(base["perplexity"], tuned["perplexity"]), 4),
+        },
+        "general_questions": {
+            "questions": len(QUESTIONS),
+            "base_answer_perplexity": round(base_answer_ppl["perplexity"], 4),
+            "answer_perplexity": round(answer_ppl["perplexity"], 4),
+            "relative_change": round(relative_change(base_answer_ppl["perplexity"], answer_ppl["perplexity"]), 4),
+            "same_answers": round(same, 4),
         },
     }
     run_dir = _run_dir_of(target)

@@ -249,6 +249,10 @@ class TrainConfig(_Section):
     padding_free: bool = Field(
         True, description="Put a micro batch in one row without padding; attention stays inside each example."
     )
+    fused_lora: bool = Field(
+        True, description="Run LoRA branches as one autograd step that keeps no dropped-out copies of the input "
+        "(same math and adapter as PEFT, less memory); false uses PEFT's own forward."
+    )
     neftune_alpha: Optional[Number] = Field(
         None, gt=0, description="NEFTune: uniform noise on input embeddings scaled alpha/sqrt(L*d), training only (5 is typical)."
     )

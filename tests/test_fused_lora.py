@@ -1,0 +1,110 @@
+"""The fused LoRA branch: same outputs and gradients as plain autograd and as PEFT, fewer saved activations."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tunesmith.methods.fused_lora import lora_branch, use_fused_lora
+
+
+def _tensors(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 5, 12, generator=g, requires_grad=True)
+    a = torch.randn(4, 12, generator=g, requires_grad=True)
+    b = torch.randn(7, 4, generator=g, requires_grad=True)
+    return x, a, b
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_branch_matches_plain_autograd_with_the_same_mask(p):
+    x, a, b = _tensors()
+    torch.manual_seed(1)
+    out = lora_branch(x, a, b, 2.0, p)
+    grad_out = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (x, a, b), grad_out)
+
+    x2, a2, b2 = _tensors()
+    torch.manual_seed(1)
+    mask = torch.rand_like(x2) >= p if p else torch.ones_like(x2, dtype=torch.bool)
+    ref = ((x2 * mask / (1 - p)) @ a2.t() @ b2.t()) * 2.0
+    reference = torch.autograd.grad(ref, (x2, a2, b2), grad_out)
+    assert torch.allclose(out, ref, atol=1e-5)
+    for mine, theirs in zip(ours, reference):
+        assert torch.allclose(mine, theirs, atol=1e-5)
+    if p:
+        assert 0 < (~mask).float().mean() < 0.5  # the mask really drops entries
+
+
+def _peft_model(tiny_model_dir, dropout: float, dora: bool = False):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", use_dora=dora,
+                        init_lora_weights="gaussian", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    for n, p in peft_model.named_parameters():  # non-zero B so every gradient is exercised
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    return peft_model
+
+
+def test_fused_peft_model_equals_peft(tiny_model_dir):
+    ids = torch.randint(0, 1000, (2, 9))
+    results = []
+    for fused in (False, True):
+        model = _peft_model(tiny_model_dir, dropout=0.0)
+        layers = use_fused_lora(model) if fused else 0
+        model.train()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads, layers))
+    (loss0, grads0, _), (loss1, grads1, layers) = results
+    assert layers == 2 * 7  # every projection of both layers
+    assert torch.allclose(loss0, loss1, atol=1e-6)
+    assert grads0.keys() == grads1.keys()
+    for n in grads0:
+        assert torch.allclose(grads0[n], grads1[n], atol=1e-6), n
+
+
+def test_no_grad_runs_peft_forward_and_state_dict_is_unchanged(tiny_model_dir):
+    model = _peft_model(tiny_model_dir, dropout=0.1)
+    keys = set(model.state_dict())
+    ids = torch.randint(0, 1000, (1, 6))
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    use_fused_lora(model)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)
+    assert set(model.state_dict()) == keys
+
+
+def _saved_bytes(model, ids) -> int:
+    """Bytes autograd keeps for backward during one forward of the decoder body (each storage counted once;
+    the lm_head's logits would swamp the comparison)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.get_base_model().model(input_ids=ids).last_hidden_state.sum()
+    return sum(storages.values())
+
+
+def test_fused_branch_keeps_fewer_activations_with_dropout(tiny_model_dir):
+    ids = torch.randint(0, 1000, (4, 64))
+    peft_model = _peft_model(tiny_model_dir, dropout=0.1).train()
+    fused = _peft_model(tiny_model_dir, dropout=0.1).train()
+    use_fused_lora(fused)
+    peft_bytes, fused_bytes = _saved_bytes(peft_model, ids), _saved_bytes(fused, ids)
+    assert fused_bytes < 0.8 * peft_bytes, (fused_bytes, peft_bytes)
+
+
+def test_dora_layers_keep_peft_forward(tiny_model_dir):
+    assert use_fused_lora(_peft_model(tiny_model_dir, dropout=0.0, dora=True)) == 0

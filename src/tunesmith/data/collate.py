@@ -29,6 +29,9 @@ class PaddingCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
 @dataclass
 class PaddingFreeCollator:
     """All examples of a micro batch in one row, no padding: position ids restart at every example,
@@ -36,19 +39,28 @@ class PaddingFreeCollator:
 
     The first label of every example is -100 so no example learns to predict its neighbour's start.
     The all-ones attention_mask is only for counting tokens; the trainer drops it before the forward.
+    `cu_seq_lens_*` / `max_length_*` mark where each example starts, under the names flash-attention's varlen
+    path reads (train/attention.py reads them on CPU): attention then never computes across examples.
     """
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        ids, labels, positions = [], [], []
+        ids, labels, positions, edges = [], [], [], [0]
         for f in features:
             n = len(f["input_ids"])
             ids.extend(f["input_ids"])
             labels.extend([IGNORE_INDEX] + list(f["labels"][1:]))
             positions.extend(range(n))
+            edges.append(edges[-1] + n)
         row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
+        bounds = torch.tensor(edges, dtype=torch.int32)
+        longest = max(b - a for a, b in zip(edges[:-1], edges[1:]))
         return {
             "input_ids": row(ids),
             "labels": row(labels),
             "position_ids": row(positions),
             "attention_mask": torch.ones((1, len(ids)), dtype=torch.long),
+            "cu_seq_lens_q": bounds,
+            "cu_seq_lens_k": bounds,
+            "max_length_q": longest,
+            "max_length_k": longest,
         }

@@ -15,6 +15,7 @@ from ..data.dataset import PreparedData, prepare_data
 from ..device import use_bf16
 from ..methods import load_kwargs as method_load_kwargs
 from ..methods import prepare_model
+from ..methods.fused_lora import use_fused_lora
 from ..modeling import supports_selective_loss
 from ..models import load_model, load_tokenizer
 from .. import continual
@@ -22,6 +23,7 @@ from ..regularize import build_loss_terms
 from ..regularize.replay import mix_stats, prepare_training_data
 from ..rundir import DATA_STATS_FILE, METRICS_FILE, SUMMARY_FILE, check_output_dir, write_config, write_json
 from .callbacks import MetricsFileCallback, ProgressCallback
+from .attention import restore_attention, use_packed_attention
 from .neftune import NEFTune
 from .trainer import MethodTrainer
 
@@ -130,6 +132,9 @@ def train(
     model = prepared.model
     if config.continual.previous:
         continual.attach_previous(prepared, config)
+    if config.train.fused_lora and prepared.is_adapter:
+        use_fused_lora(model)
+    attention_before = use_packed_attention(model) if config.train.padding_free else None
     loss_terms, regularize_info = build_loss_terms(config, model, tokenizer, data, out, resume=checkpoint is not None)
     neftune = NEFTune(model, config.train.neftune_alpha) if config.train.neftune_alpha else None
 
@@ -156,6 +161,7 @@ def train(
 
     if neftune is not None:
         neftune.remove()
+    restore_attention(model, attention_before)
     prepared.save(out)
     tokenizer.save_pretrained(out)
     if config.continual.previous:

@@ -4,10 +4,12 @@ Same model (built-in SmolLM2-135M-Instruct), data (the quickstart booking task),
 alpha=32, dropout 0.05, all seven projections), micro batch 4 x accumulation 4, the same number of
 optimizer steps, lr 2e-4 cosine with 3% warmup, completion-only loss, bf16 where the CPU has AMX
 (`train.bf16: auto`; this machine has none, so both run fp32). TRL keeps its defaults otherwise
-(gradient checkpointing on, as in the guide; padded batches; NEFTune off in both).
-Each run is its own process (peak RSS is its own); runs alternate, `--reps` times each.
+(gradient checkpointing on, as in the guide; padded batches; NEFTune off in both). Both read the examples in
+file order (TRL's sampler set to sequential, tunesmith's `train.order: sequential`), so the final losses
+compare like for like. `--checkpointing` adds a third contender: tunesmith with gradient checkpointing, the
+low-memory operating point. Each run is its own process (peak RSS is its own); runs alternate, `--reps` times each.
 
-    .venv/bin/python bench/sft_throughput.py --steps 6 --reps 3
+    .venv/bin/python bench/sft_throughput.py --steps 3 --reps 3 --checkpointing
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from tunesmith.config import load_config
 from tunesmith.train.run import train
 cfg = load_config("recipes/quickstart.yaml", [f"train.max_steps={steps}", f"train.batch_size={micro}",
     f"train.grad_accum={accum}", "train.lr=2e-4", "train.warmup=0.03", "train.logging_steps=1",
-    "output_dir=/tmp/bench-sft-tunesmith", "train.eval_each_epoch=false"])
+    "output_dir=/tmp/bench-sft-tunesmith", "train.eval_each_epoch=false", "train.order=sequential", *sys.argv[3:]])
 cfg.data.eval = None
 cfg.data.eval_split = 0.0
 t0 = time.perf_counter()
@@ -65,7 +67,8 @@ args = SFTConfig(output_dir="/tmp/bench-sft-trl", max_steps=steps, per_device_tr
                  gradient_accumulation_steps=accum, optim="adamw_torch", learning_rate=2e-4, weight_decay=0.0,
                  warmup_steps=0.03, lr_scheduler_type="cosine", gradient_checkpointing=True,
                  bf16=use_bf16("auto"), logging_steps=1, save_strategy="no", max_length=512, report_to=[],
-                 use_cpu=True, seed=42, include_num_input_tokens_seen="non_padding", disable_tqdm=True)
+                 use_cpu=True, seed=42, include_num_input_tokens_seen="non_padding", disable_tqdm=True,
+                 train_sampling_strategy="sequential")
 trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora)
 losses = []
 class Keep(TrainerCallback):
@@ -84,8 +87,8 @@ print("RESULT " + json.dumps({"tokens_per_second": tokens / dt, "seconds": dt, "
 """
 
 
-def run(code: str, steps: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", code, "x", str(steps)], capture_output=True, text=True)
+def run(code: str, steps: int, extra: tuple[str, ...] = ()) -> dict:
+    proc = subprocess.run([sys.executable, "-c", code, "x", str(steps), *extra], capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(proc.stderr[-4000:])
@@ -107,27 +110,36 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--checkpointing", action="store_true", help="Also run tunesmith with gradient checkpointing.")
     args = p.parse_args()
     import torch
 
-    results = {"tunesmith": [], "trl": []}
+    contenders = {"tunesmith": (TUNESMITH, ()), "trl": (TRL, ())}
+    if args.checkpointing:
+        contenders["tunesmith+ckpt"] = (TUNESMITH, ("train.gradient_checkpointing=true",))
+    results = {name: [] for name in contenders}
     for rep in range(args.reps):
-        for name, code in (("trl", TRL), ("tunesmith", TUNESMITH)) if rep % 2 else (("tunesmith", TUNESMITH), ("trl", TRL)):
-            r = run(code, args.steps)
+        order = list(contenders) if rep % 2 == 0 else list(reversed(contenders))
+        for name in order:
+            code, extra = contenders[name]
+            r = run(code, args.steps, extra)
             results[name].append(r)
-            print(f"rep {rep} {name:9s} {r['tokens_per_second']:7.1f} tok/s  peak RSS {r['peak_rss_mib']:7.0f} MiB  "
+            print(f"rep {rep} {name:14s} {r['tokens_per_second']:7.1f} tok/s  peak RSS {r['peak_rss_mib']:7.0f} MiB  "
                   f"final loss {r['final_loss']:.4f}", flush=True)
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     print(f"\nmachine matmul peak: fp32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s")
     for name, rs in results.items():
         tps = statistics.median(r["tokens_per_second"] for r in rs)
         mfu = 4 * rs[0]["total"] * tps / peak32
-        print(f"{name:9s} median {tps:6.1f} tok/s, peak RSS {statistics.median(r['peak_rss_mib'] for r in rs):.0f} MiB, "
+        print(f"{name:14s} median {tps:6.1f} tok/s, peak RSS {statistics.median(r['peak_rss_mib'] for r in rs):.0f} MiB, "
               f"MFU vs fp32 peak {mfu:.1%}")
-    print("\nratio tunesmith / TRL (min / median / max over paired reps):")
-    for key in ("tokens_per_second", "peak_rss_mib", "final_loss"):
-        ratios = [a[key] / b[key] for a, b in zip(results["tunesmith"], results["trl"])]
-        print(f"  {key:18s} {min(ratios):.3f} / {statistics.median(ratios):.3f} / {max(ratios):.3f}")
+    for name in results:
+        if name == "trl":
+            continue
+        print(f"\nratio {name} / TRL (min / median / max over paired reps):")
+        for key in ("tokens_per_second", "peak_rss_mib", "final_loss"):
+            ratios = [a[key] / b[key] for a, b in zip(results[name], results["trl"])]
+            print(f"  {key:18s} {min(ratios):.3f} / {statistics.median(ratios):.3f} / {max(ratios):.3f}")
 
 
 if __name__ == "__main__":

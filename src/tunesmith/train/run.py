@@ -88,7 +88,7 @@ def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, extr
         eval_strategy="epoch" if (has_eval and t.eval_each_epoch) else "no",
         seed=t.seed,
         data_seed=t.seed,
-        train_sampling_strategy="group_by_length",
+        train_sampling_strategy=t.order,
         include_num_input_tokens_seen="non_padding",
         prediction_loss_only=True,
         remove_unused_columns=False,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunesmith.methods.fused_lora import lora_branch, use_fused_lora
+from tunesmith.methods.fused_lora import keep_mask, lora_branch, use_fused_lora
 
 
 def _tensors(seed: int = 0):
@@ -25,14 +25,27 @@ def test_branch_matches_plain_autograd_with_the_same_mask(p):
 
     x2, a2, b2 = _tensors()
     torch.manual_seed(1)
-    mask = torch.rand_like(x2) >= p if p else torch.ones_like(x2, dtype=torch.bool)
-    ref = ((x2 * mask / (1 - p)) @ a2.t() @ b2.t()) * 2.0
+    mask, keep = keep_mask(x2, p) if p else (torch.ones_like(x2, dtype=torch.bool), 1.0)
+    ref = ((x2 * mask / keep) @ a2.t() @ b2.t()) * 2.0
     reference = torch.autograd.grad(ref, (x2, a2, b2), grad_out)
     assert torch.allclose(out, ref, atol=1e-5)
     for mine, theirs in zip(ours, reference):
         assert torch.allclose(mine, theirs, atol=1e-5)
     if p:
         assert 0 < (~mask).float().mean() < 0.5  # the mask really drops entries
+
+
+def test_keep_mask_is_an_unbiased_bernoulli_mask():
+    torch.manual_seed(0)
+    x = torch.empty(1000, 1000)
+    mask, keep = keep_mask(x, 0.05)
+    assert mask.dtype == torch.bool and mask.shape == x.shape
+    assert keep == 1 - 3277 / 65536  # p rounded to a multiple of 1/65536
+    share = mask.float().mean().item()
+    assert abs(share - keep) < 5 * (keep * (1 - keep) / x.numel()) ** 0.5  # within 5 standard errors
+    rows = mask.float().mean(dim=1)  # no position is favoured: every row keeps about the same share
+    assert rows.std().item() < 2 * (keep * (1 - keep) / 1000) ** 0.5
+    assert not torch.equal(mask, keep_mask(x, 0.05)[0])  # fresh draws each call
 
 
 def _peft_model(tiny_model_dir, dropout: float, dora: bool = False):

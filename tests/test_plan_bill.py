@@ -272,9 +272,15 @@ def test_lora_activations_by_hand():
     x and h1 (2h), q/k/v/gate/up dropout out + noise (10h), o dropout out + noise (2 nh d), down (2i),
     attention 2(nh d) + 2(kv d) + nh, MLP g, act(g), u (3i), 7 LoRA A outputs (7r), 2 statistics."""
     spec = load_spec(SMOL)
-    a = activations(spec, trainability(spec, MethodConfig(name="lora", r=16)), fp32(seq_len=64, batch=1))
+    tr = trainability(spec, MethodConfig(name="lora", r=16))
+    a = activations(spec, tr, fp32(seq_len=64, batch=1, fused_lora=False))
     per_token = (12 * 576 + 2 * 576 + 2 * 576 + 2 * 192 + 9 + 5 * 1536 + 7 * 16 + 2) * 4
     assert a.layer_bytes == per_token * 64
+    # train.fused_lora: q/k/v share one kept x, gate/up another, o's is sdpa's output, down keeps act(g) * u;
+    # the six 576-wide and one 1536-wide dropout masks are bool
+    fused = activations(spec, tr, fp32(seq_len=64, batch=1))
+    floats = 2 * 576 + 2 * 576 + 1536 + 2 * 576 + 2 * 192 + 9 + 3 * 1536 + 7 * 16 + 2
+    assert fused.layer_bytes == (floats * 4 + 6 * 576 + 1536) * 64
 
 
 def test_lora_bill_lines():
@@ -375,13 +381,16 @@ def test_selective_loss_by_hand():
     assert ada.line("logits").bytes == 3 * 256 * V * 4
 
 
-def test_padding_free_rows_get_a_block_diagonal_mask():
+def test_padding_free_rows_mask_or_per_example_attention():
     spec = load_spec(SMOL)
     tr = trainability(spec, MethodConfig(name="lora"))
     one = activations(spec, tr, Setup(seq_len=512, batch=1))
-    packed = activations(spec, tr, Setup(seq_len=256, batch=2))  # one row of 512 with a (512 x 512) mask
-    assert packed.per_layer["attention mask"] == 512 * 512 * 4
+    masked = activations(spec, tr, Setup(seq_len=256, batch=2, packed_attention=False))  # one row, (512 x 512) mask
+    assert masked.per_layer["attention mask"] == 512 * 512 * 4
     assert "attention mask" not in one.per_layer
+    packed = activations(spec, tr, Setup(seq_len=256, batch=2))  # per-example attention: no mask, no k/v repeat
+    assert "attention mask" not in packed.per_layer
+    assert masked.layer_bytes - packed.layer_bytes == 512 * 512 * 4 + 512 * 2 * (576 - 192) * 4 - 512 * 576 * 4
     padded = activations(spec, tr, Setup(seq_len=256, batch=2, layout="padded"))
     assert padded.per_layer["attention mask"] == 2 * 256 * 256 * 4
 
@@ -458,10 +467,17 @@ def test_activation_formula_equals_autograd(family, case):
     cfg = tiny_config(family)
     m = MethodConfig(**case)
     spec = spec_from_config(cfg)
+    from tunesmith.methods.fused_lora import use_fused_lora
+
+    tr = trainability(spec, m)
     for padded in (False, True):
-        real = saved_bytes(_prepare(build(cfg), m), batch=2, seq=24, padded=padded)
-        predicted = activations(spec, trainability(spec, m), fp32(seq_len=24, batch=2, padded=padded)).saved
-        assert abs(predicted - real) <= max(1024, 0.002 * real), (padded, predicted, real)
+        for fused in (False, True) if tr.fusable else (False,):  # PEFT's forward, and train.fused_lora's
+            model = _prepare(build(cfg), m)
+            if fused:
+                use_fused_lora(model)
+            real = saved_bytes(model, batch=2, seq=24, padded=padded)
+            predicted = activations(spec, tr, fp32(seq_len=24, batch=2, padded=padded, fused_lora=fused)).saved
+            assert abs(predicted - real) <= max(1024, 0.002 * real), (padded, fused, predicted, real)
 
 
 # ---- inputs ------------------------------------------------------------------------------------

@@ -16,15 +16,30 @@ import torch
 from ..errors import TunesmithError
 
 
+def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """A Bernoulli keep-mask for dropout, and the keep probability it really has.
+
+    Each entry compares 16 random bits with a threshold, so the drop probability is p rounded to a multiple of
+    1/65536 (0.05 -> 0.0500031) and the kept entries are scaled by that exact keep probability: unbiased. One
+    64-bit draw gives four entries; a float draw per entry (torch.rand_like, or bernoulli_) measured 3x slower
+    here, and dropout's random numbers were 13% of a LoRA step.
+    """
+    drop = round(p * 65536)
+    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
+    return words.view(torch.int16)[: x.numel()].view(x.shape) >= drop - 32768, 1.0 - drop / 65536
+
+
 class LoraBranch(torch.autograd.Function):
-    """delta = s * dropout(x) @ A^T @ B^T, with dropout(x) = x * mask / (1 - p)."""
+    """delta = s * dropout(x) @ A^T @ B^T, with dropout(x) = x * mask / keep."""
 
     @staticmethod
     def forward(ctx, x, a, b, scale: float, p: float):
-        keep = 1.0 - p
-        mask = torch.rand_like(x) >= p if p > 0 else None
-        xd = x * mask / keep if mask is not None else x
-        h = xd @ a.t()
+        # 1/keep is applied to the rank-r side, never to a full-width tensor: (x * m / k) A^T = ((x * m) A^T) / k
+        mask, keep = keep_mask(x, p) if p > 0 else (None, 1.0)
+        xa = _as(x, a)
+        h = (torch.where(mask, xa, 0.0) if mask is not None else xa) @ a.t()  # where: 4x faster than x * mask
+        if mask is not None:
+            h = h * (1.0 / keep)
         ctx.save_for_backward(x, mask, h, a, b)
         ctx.scale, ctx.keep = scale, keep
         return (h @ b.t()) * scale
@@ -37,15 +52,25 @@ class LoraBranch(torch.autograd.Function):
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[2]:
             grad_b = (g.t() @ h.reshape(-1, h.shape[-1]).to(g.dtype)) * ctx.scale
+        gk = gh * (1.0 / ctx.keep) if mask is not None else gh  # gradient at (x * m) A^T
         if ctx.needs_input_grad[1]:
-            xd = x * mask / ctx.keep if mask is not None else x
-            grad_a = gh.t() @ xd.reshape(-1, x.shape[-1]).to(gh.dtype)
+            xm = x.to(gh.dtype)
+            xm = torch.where(mask, xm, 0.0) if mask is not None else xm
+            grad_a = gk.t() @ xm.reshape(-1, x.shape[-1])
         if ctx.needs_input_grad[0]:
-            grad_x = (gh @ a).reshape(x.shape)
+            grad_x = (gk @ a).reshape(x.shape)
             if mask is not None:
-                grad_x = grad_x * mask / ctx.keep
+                grad_x = torch.where(mask, grad_x, 0.0)
             grad_x = grad_x.to(x.dtype)
         return grad_x, grad_a, grad_b, None, None
+
+
+def _as(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """x in the adapter's dtype, as PEFT casts it; under autocast the matmul picks the dtype itself. The
+    Function saves the uncast x, which the layer's other projections share."""
+    if x.dtype == a.dtype or torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(a.dtype)
 
 
 def lora_branch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, p: float = 0.0) -> torch.Tensor:
@@ -69,7 +94,7 @@ def _fused_forward(self, x, *args, **kwargs):
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
-        result = result + lora_branch(x.to(a.dtype), a, b, self.scaling[name], p).to(result.dtype)
+        result = result + lora_branch(x, a, b, self.scaling[name], p).to(result.dtype)
     return result
 
 

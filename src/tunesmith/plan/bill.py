@@ -73,6 +73,8 @@ class Setup:
     layout: str = "padding_free"  # padding_free: the micro batch in one row (tunesmith's default); padded
     padded: Optional[bool] = None  # padded layout: rows of different lengths (a mask); default: batch > 1
     device: str = "cpu"  # cpu | cuda: dropout masks, runtime overhead
+    fused_lora: bool = True  # train.fused_lora: LoRA branches keep x, a 1-byte mask and A x (methods/fused_lora.py)
+    packed_attention: bool = True  # padding-free rows: one causal sdpa call per example, no mask (train/attention.py)
 
     def validate(self) -> "Setup":
         def bad(msg: str):
@@ -235,6 +237,7 @@ class Trainability:
     dropout: bool = False
     adapter_params: int = 0
     detail: str = ""
+    fusable: bool = False  # plain LoRA on full-precision linears: train.fused_lora applies
 
     def layer_trains(self, spec: ModelSpec, i: int) -> bool:
         prefix = f"model.layers.{i}."
@@ -298,7 +301,8 @@ def trainability(spec: ModelSpec, m: MethodConfig) -> Trainability:
         "adalora": "init_r x (d_in + d_out) + init_r",
     }[kind]
     detail = f"{L} layers x [{', '.join(t.name for t in targets)}]: {formula} per module, r={r}"
-    return Trainability("adapter", set(), kind, targets, r, m.dropout > 0, per_layer * L, detail)
+    return Trainability("adapter", set(), kind, targets, r, m.dropout > 0, per_layer * L, detail,
+                        fusable=m.name in ("lora", "loraplus"))
 
 
 def adapter_tensors(tr: Trainability) -> list[int]:
@@ -379,6 +383,12 @@ def _linear(c: _Ctx, T: int, lin: LinearSpec, x_rg: bool, layer: int, out: dict)
             if tr.dropout and x_rg:
                 _add(out, "adapter dropout masks", T * d_in * c.mask_b)
             _add(out, "adapter low-rank outputs", T * r * c.ab + T * d_out * c.ab)
+        elif tr.fusable and c.setup.fused_lora:
+            # one Function per layer: x (shared with every projection that reads it), the mask, A x
+            keep_input = True
+            if tr.dropout:
+                _add(out, "adapter dropout masks", T * d_in)  # bool
+            _add(out, "adapter low-rank outputs", T * r * c.ab)
         else:
             if tr.dropout:
                 _add(out, "adapter dropout outputs", T * d_in * c.ab)  # lora_A saves its (dropped-out) input
@@ -423,13 +433,15 @@ def _layer(c: _Ctx, T: int, i: int, rg_in: bool) -> tuple[dict, bool]:
         _add(out, "linear inputs", T * s.hidden * c.ab)
     q_w, kv_w = s.heads * s.head_dim, s.kv_heads * s.head_dim
     b, n = st.rows
-    repeat = s.kv_heads < s.heads and (s.attention == "eager" or st.is_padded)
+    packed = st.layout == "padding_free" and st.packed_attention and s.attention == "sdpa"
+    masked = st.is_padded and not packed  # packed rows: each example alone, causal, no mask
+    repeat = s.kv_heads < s.heads and (s.attention == "eager" or masked)
     kv_saved = q_w if repeat else kv_w
     if attn_rg and s.attention == "sdpa":
         # the flash kernel's backward keeps q and k (after RoPE), v, the output and the logsumexp
         _add(out, "attention q, k, v, output", T * (q_w + 2 * kv_saved + q_w) * c.ab)
         _add(out, "attention logsumexp", T * s.heads * 4)
-        if st.is_padded:
+        if masked:
             _add(out, "attention mask", b * n * n * c.ab)
     elif attn_rg:
         # eager: scores = q k^T keeps k (for dq) and q (for dk); softmax (and tanh soft-capping) keep
@@ -446,8 +458,9 @@ def _layer(c: _Ctx, T: int, i: int, rg_in: bool) -> tuple[dict, bool]:
         elif v_rg:
             _add(out, "attention scores (s x s)", probs * c.ab)
     o_rg, o_keep = _linear(c, T, lin["o_proj"], attn_rg, i, out)
-    if o_keep and (s.attention == "eager" or s.fused_qkv):
-        _add(out, "linear inputs", T * q_w * c.ab)  # else sdpa's saved output is that input (same storage)
+    if o_keep and (s.attention == "eager" or s.fused_qkv or (packed and st.batch > 1)):
+        # else sdpa's saved output is that input (same storage); packed rows concatenate the examples' outputs
+        _add(out, "linear inputs", T * q_w * c.ab)
     if "post_attention_layernorm" in s.norms and s.model_type == "gemma2":
         o_rg = _norm(c, T, o_rg, norm_tr("post_attention_layernorm"), out, "post-attention norm")
     h1_rg = rg_in or o_rg
@@ -747,7 +760,10 @@ def compute_bill(model, method: MethodConfig | dict | str | None = None, setup: 
     attn_note = "sdpa (flash kernel: no s x s matrix)" if spec.attention == "sdpa" else "eager attention (s x s scores saved)"
     lines.append(Line("activations", "activations (saved for backward)", a_layers,
                       f"{act.formula}; micro batch {setup.batch} x {setup.seq_len} tokens; {attn_note}"
-                      + ("; padded batch: k/v repeated for the mask" if setup.is_padded and spec.kv_heads < spec.heads else ""),
+                      + ("; padded batch: k/v repeated for the mask" if setup.layout == "padded" and setup.is_padded
+                         and spec.kv_heads < spec.heads else "")
+                      + ("; packed rows: attention per example" if setup.layout == "padding_free" and setup.batch > 1
+                         and setup.packed_attention and spec.attention == "sdpa" else ""),
                       act_assume + ("; with gradient checkpointing" if setup.checkpointing else "; no checkpointing"),
                       "Every op keeps the inputs its backward needs until the backward pass reaches it.",
                       ("forward", "backward")))

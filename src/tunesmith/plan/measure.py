@@ -235,7 +235,7 @@ def measure(
     from ..data.collate import PaddingCollator, PaddingFreeCollator
     from ..methods import load_kwargs, prepare_model
     from ..models import load_model
-    from ..train.run import ExampleDataset, training_arguments, use_selective_loss
+    from ..train.run import ExampleDataset, training_arguments, use_fast_path, use_selective_loss
     from ..train.trainer import MethodTrainer
 
     cuda = torch.cuda.is_available()
@@ -256,6 +256,7 @@ def measure(
         model = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code, **load_kwargs(cfg))
         model.config.use_cache = False
         prepared = prepare_model(model, cfg, total_steps=steps)
+        use_fast_path(prepared, cfg)
         own_memory(prepared.model)
         vocab = model.get_input_embeddings().num_embeddings
         n = steps * batch * accum
@@ -322,6 +323,7 @@ def measure(
     s.device = "cuda" if cuda else "cpu"
     s.padded = padded
     s.layout = "padding_free" if config.train.padding_free else "padded"
+    s.fused_lora = config.train.fused_lora
     s.loss = "selective" if selective else "full"
     if examples is not None:
         sup = sum(sum(1 for l in d["labels"][1:] if l != -100) for d in data) / len(data)

@@ -30,7 +30,8 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
         )
         for s, e in zip(edges[:-1], edges[1:])
     ]
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)  # one example: no copy to keep
+    return out.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(NAME, packed_sdpa_forward)

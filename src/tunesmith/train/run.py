@@ -60,6 +60,15 @@ def planned_steps(config: RunConfig, n_examples: int) -> int:
     return max(1, math.ceil(per_epoch * t.epochs))
 
 
+def use_fast_path(prepared, config: RunConfig):
+    """The default training path on a prepared model: fused LoRA branches and per-example attention in
+    padding-free rows (each behind its switch). Returns the undo, for a model that is saved or served after."""
+    if config.train.fused_lora and prepared.is_adapter:
+        use_fused_lora(prepared.model)
+    previous = use_packed_attention(prepared.model) if config.train.padding_free else None
+    return lambda: restore_attention(prepared.model, previous)
+
+
 def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, extra: dict | None = None):
     from transformers import TrainingArguments
 
@@ -132,9 +141,7 @@ def train(
     model = prepared.model
     if config.continual.previous:
         continual.attach_previous(prepared, config)
-    if config.train.fused_lora and prepared.is_adapter:
-        use_fused_lora(model)
-    attention_before = use_packed_attention(model) if config.train.padding_free else None
+    undo_fast_path = use_fast_path(prepared, config)
     loss_terms, regularize_info = build_loss_terms(config, model, tokenizer, data, out, resume=checkpoint is not None)
     neftune = NEFTune(model, config.train.neftune_alpha) if config.train.neftune_alpha else None
 
@@ -161,7 +168,7 @@ def train(
 
     if neftune is not None:
         neftune.remove()
-    restore_attention(model, attention_before)
+    undo_fast_path()
     prepared.save(out)
     tokenizer.save_pretrained(out)
     if config.continual.previous:

@@ -6,8 +6,9 @@
 
 Table 1, same data and step budget (recipes/quickstart.yaml's 40 steps) for every row: plain LoRA
 (quickstart.yaml) vs replay (replay.yaml), self-distillation (distill.yaml), EWC (ewc.yaml) and full
-fine-tuning (full.yaml). Each row: the booking task score (json_match, greedy) and general perplexity on
-held-out Python reference text (`tunesmith eval --forgetting`), base vs fine-tuned. The issue's target:
+fine-tuning (full.yaml). Each row: the booking task score (json_match, greedy), general perplexity on
+held-out Python reference text, base vs fine-tuned, and how the base model's own answers to 32 general
+questions fare: their perplexity change and the share still given word for word (`tunesmith eval --forgetting`). The issue's target:
 at least one mitigation halves plain LoRA's perplexity rise while keeping >= 95% of its task score.
 
 Table 2, a two-task sequence: booking (continual-task1.yaml, prefix [Booking]), then shopping lists
@@ -140,16 +141,18 @@ def print_tables(mit: list[dict], seq: dict) -> None:
         base_ppl = mit[0]["general"]["base_perplexity"]
         print(f"\nGeneral perplexity of the base model: {base_ppl:.3f} "
               f"({mit[0]['general']['tokens']} tokens of held-out Python reference text)\n")
-        print("| method | booking json_match | general perplexity | change | rise vs plain LoRA | task score vs plain LoRA | train s |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print("| method | booking json_match | general perplexity | change | rise vs plain LoRA | task score vs plain LoRA "
+              "| base's answers: perplexity change | same answers | train s |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         lora_rise = (lora["general"]["perplexity"] - base_ppl) if lora else None
         for r in mit:
             g, score = r["general"], r["task"]["score"]
             rise = g["perplexity"] - base_ppl
             vs_rise = f"{rise / lora_rise:.2f}x" if lora and lora_rise and lora_rise > 0 else "-"
             vs_score = f"{score / lora['task']['score']:.0%}" if lora and lora["task"]["score"] > 0 else "-"
+            q = r["general_questions"]
             print(f"| {r['method']} | {score:.0%} | {g['perplexity']:.3f} | {g['relative_change']:+.1%} | {vs_rise} | "
-                  f"{vs_score} | {r['train_seconds']:.0f} |")
+                  f"{vs_score} | {q['relative_change']:+.1%} | {q['same_answers']:.0%} | {r['train_seconds']:.0f} |")
         if lora and lora["task"]["score"] == 0:
             print("\ntarget: cannot be judged, plain LoRA scored 0% (too few steps?)")
         elif lora and lora_rise and lora_rise > 0:

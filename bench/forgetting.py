@@ -1,6 +1,6 @@
 """Forgetting: what fine-tuning the built-in model costs its general ability, and what each mitigation buys back.
 
-    python bench/forgetting.py                      # both README tables (estimate: about an hour on 2 idle CPU cores)
+    python bench/forgetting.py --eval-limit 50      # both README tables (measured: 32 min on 2 idle CPU cores)
     python bench/forgetting.py --steps 2 --eval-limit 2 --general-tokens 256 --ewc-samples 2   # smoke run
                                                     # (measured: 43 min on 2 cores shared with two other jobs)
 

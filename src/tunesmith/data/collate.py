@@ -32,6 +32,11 @@ class PaddingCollator:
 PACKED_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
+def packed_kwargs(inputs: dict) -> dict:
+    """The example boundaries a padding-free batch carries, to pass on to the model's forward."""
+    return {k: inputs[k] for k in PACKED_KEYS if k in inputs}
+
+
 @dataclass
 class PaddingFreeCollator:
     """All examples of a micro batch in one row, no padding: position ids restart at every example,
@@ -53,7 +58,7 @@ class PaddingFreeCollator:
             edges.append(edges[-1] + n)
         row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
         bounds = torch.tensor(edges, dtype=torch.int32)
-        longest = max(b - a for a, b in zip(edges[:-1], edges[1:]))
+        longest = max(len(f["input_ids"]) for f in features)
         return {
             "input_ids": row(ids),
             "labels": row(labels),

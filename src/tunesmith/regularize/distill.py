@@ -23,7 +23,7 @@ import copy
 
 import torch
 
-from ..data.collate import PACKED_KEYS
+from ..data.collate import packed_kwargs
 from ..data.masking import IGNORE_INDEX
 from ..modeling import causal_lm, decoder_body
 
@@ -151,7 +151,7 @@ class DistillTerm:
                     attention_mask=inputs.get("attention_mask"),
                     position_ids=inputs.get("position_ids"),
                     use_cache=False,
-                    **{k: inputs[k] for k in PACKED_KEYS if k in inputs},
+                    **packed_kwargs(inputs),
                 ).last_hidden_state
         finally:
             teacher.train(was_training)

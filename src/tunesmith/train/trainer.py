@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from ..data.collate import PACKED_KEYS
+from ..data.collate import packed_kwargs
 from ..data.masking import IGNORE_INDEX
 from ..modeling import causal_lm, decoder_body
 from .loss import selective_cross_entropy
@@ -70,7 +70,7 @@ class MethodTrainer(Trainer):
             attention_mask=inputs.get("attention_mask"),
             position_ids=inputs.get("position_ids"),
             use_cache=False,
-            **{k: inputs[k] for k in PACKED_KEYS if k in inputs},
+            **packed_kwargs(inputs),
         ).last_hidden_state
         head = causal_lm(model).get_output_embeddings()
         normalizer = num_items_in_batch if model.training and num_items_in_batch else None

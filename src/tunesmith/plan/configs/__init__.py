@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 
-def _llama(hidden, inter, layers, heads, kv, vocab, tied, head_dim=None, **extra) -> dict[str, Any]:
-    cfg = {
-        "model_type": "llama",
+def _decoder(model_type, hidden, inter, layers, heads, kv, vocab, tied) -> dict[str, Any]:
+    return {
+        "model_type": model_type,
         "hidden_size": hidden,
         "intermediate_size": inter,
         "num_hidden_layers": layers,
@@ -19,9 +19,11 @@ def _llama(hidden, inter, layers, heads, kv, vocab, tied, head_dim=None, **extra
         "num_key_value_heads": kv,
         "vocab_size": vocab,
         "tie_word_embeddings": tied,
-        "attention_bias": False,
-        "mlp_bias": False,
     }
+
+
+def _llama(hidden, inter, layers, heads, kv, vocab, tied, head_dim=None, **extra) -> dict[str, Any]:
+    cfg = {**_decoder("llama", hidden, inter, layers, heads, kv, vocab, tied), "attention_bias": False, "mlp_bias": False}
     if head_dim is not None:
         cfg["head_dim"] = head_dim
     cfg.update(extra)
@@ -30,34 +32,14 @@ def _llama(hidden, inter, layers, heads, kv, vocab, tied, head_dim=None, **extra
 
 def _qwen2(hidden, inter, layers, heads, kv, vocab, tied) -> dict[str, Any]:
     # Qwen2/2.5: bias on q, k and v (not on o); SwiGLU MLP; untied except the small ones.
-    return {
-        "model_type": "qwen2",
-        "hidden_size": hidden,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv,
-        "vocab_size": vocab,
-        "tie_word_embeddings": tied,
-    }
+    return _decoder("qwen2", hidden, inter, layers, heads, kv, vocab, tied)
 
 
 def _gemma2(hidden, inter, layers, heads, kv, vocab) -> dict[str, Any]:
     # Gemma 2: head_dim 256, four RMSNorms per layer, tied embeddings, tanh soft-capping of the
     # attention scores (50) and the final logits (30), which is why it runs eager attention.
-    return {
-        "model_type": "gemma2",
-        "hidden_size": hidden,
-        "intermediate_size": inter,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv,
-        "head_dim": 256,
-        "vocab_size": vocab,
-        "tie_word_embeddings": True,
-        "attn_logit_softcapping": 50.0,
-        "final_logit_softcapping": 30.0,
-    }
+    return {**_decoder("gemma2", hidden, inter, layers, heads, kv, vocab, True), "head_dim": 256,
+            "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
 
 
 BUNDLED: dict[str, dict[str, Any]] = {

@@ -133,6 +133,7 @@ def _adapter(run: Path) -> dict[str, torch.Tensor]:
     return load_file(Path(run) / "adapter_model.safetensors")
 
 
+@pytest.mark.slow
 def test_same_seed_bit_identical_other_seed_differs(tmp_path, tiny_model_dir):
     def run(name: str, seed: int) -> dict[str, torch.Tensor]:
         recipe = small_recipe(tmp_path / name, tiny_model_dir, n_train=8, n_eval=0,
@@ -198,6 +199,102 @@ def test_resume_continues_from_last_checkpoint(trained, tmp_path):
     loss_steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
     # Steps 1-4 from the first run, then 5 and 6 only (no restart from step 1).
     assert loss_steps == [1, 2, 3, 4, 5, 6]
+
+
+class Interrupted(Exception):
+    """Stands in for a crash or Ctrl-C in the middle of a run."""
+
+
+def _interrupt_after_logging(monkeypatch, step: int) -> None:
+    """Make the run stop right after `step` is written to metrics.jsonl, before any checkpoint of that step."""
+    from tunesmith.train.callbacks import MetricsFileCallback
+
+    original = MetricsFileCallback.on_log
+
+    def crashing(self, args, state, control, logs=None, **kwargs):
+        original(self, args, state, control, logs=logs, **kwargs)
+        if state.global_step == step and logs and "loss" in logs:
+            raise Interrupted(f"stopped after step {step}")
+
+    monkeypatch.setattr(MetricsFileCallback, "on_log", crashing)
+
+
+def _loss_rows(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (Path(run) / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def _count_fisher_computations(monkeypatch) -> list[int]:
+    from tunesmith.regularize import ewc
+
+    calls, original = [], ewc.diagonal_fisher
+    monkeypatch.setattr(ewc, "diagonal_fisher", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    return calls
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ewc", [False, True], ids=["plain", "ewc"])
+def test_interrupted_run_resumed_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch, ewc):
+    """Default config (LoRA dropout, length-grouped shuffling, the fast path): a run stopped after step 3, its
+    last checkpoint at step 2, resumed to step 4 (in the second epoch), ends with the uninterrupted run's
+    adapter, logs each step once with the uninterrupted run's values, and (EWC, reference: the task's own
+    data) reuses the stored Fisher. lambda is large enough that training without the penalty differs."""
+    def recipe(name: str) -> dict:
+        r = small_recipe(tmp_path / name, tiny_model_dir, n_train=12, n_eval=0, max_steps=4, batch_size=4, save_steps=2)
+        if ewc:
+            r["regularize"] = {"ewc": {"lambda": 1e4, "samples": 3, "reference": r["data"]["train"]}}
+        return r
+
+    fisher_calls = _count_fisher_computations(monkeypatch)
+    whole = train(load_config(recipe("whole")), progress=False).output_dir
+    assert len(fisher_calls) == (1 if ewc else 0)
+
+    config = load_config(recipe("split"))
+    with monkeypatch.context() as m:
+        _interrupt_after_logging(m, 3)
+        with pytest.raises(Interrupted):
+            train(config, progress=False)
+    split = Path(config.output_dir)
+    assert [r["step"] for r in _loss_rows(split)] == [1, 2, 3]
+    assert sorted(p.name for p in split.glob("checkpoint-*")) == ["checkpoint-2"]
+
+    fisher_calls.clear()
+    result = train(config, resume=True, progress=False)
+    assert result.summary["steps"] == 4
+    if ewc:
+        assert fisher_calls == [], "the resumed run recomputed the Fisher instead of reading ewc.safetensors"
+        assert result.summary["regularize"]["ewc"]["samples"] == "from ewc.safetensors"
+
+    expected, got = _loss_rows(whole), _loss_rows(split)
+    assert [r["step"] for r in got] == [1, 2, 3, 4], "each step once in metrics.jsonl after a resume"
+    for e, g in zip(expected, got):
+        assert g["loss"] == pytest.approx(e["loss"], rel=1e-6), f"step {e['step']}"
+        assert g["grad_norm"] == pytest.approx(e["grad_norm"], rel=1e-6), f"step {e['step']}"
+    a, b = _adapter(whole), _adapter(split)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_metrics_rows_after_checkpoint_dropped_on_resume(tmp_path):
+    """On resume the callback keeps rows up to the checkpoint's step (train and eval alike), drops the
+    later ones and a torn last line, and leaves no temporary file behind."""
+    from types import SimpleNamespace
+
+    from tunesmith.train.callbacks import MetricsFileCallback, ProgressCallback
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 2, "eval_loss": 2.7},
+            {"step": 3, "loss": 2.2}, {"step": 4, "loss": 2.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "lo')
+    callback = MetricsFileCallback(path, ProgressCallback(enabled=False))
+
+    callback.on_train_begin(None, SimpleNamespace(global_step=2), None)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:3]
+    assert path.read_text().endswith("\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+    callback.on_train_begin(None, SimpleNamespace(global_step=0), None)  # a fresh run: nothing to drop
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:3]
 
 
 # --- loss masking reaches the trainer -------------------------------------------------------------

@@ -103,9 +103,12 @@ class EWCTerm:
 
 
 def save_ewc(path: Path, fisher: dict, reference: dict, info: dict) -> None:
+    """Written to a temporary file and renamed, so a run killed mid-write never leaves a torn file for --resume."""
     tensors = {f"fisher/{n}": f.detach().cpu().contiguous() for n, f in fisher.items()}
     tensors.update({f"reference/{n}": r.detach().cpu().contiguous() for n, r in reference.items()})
-    save_file(tensors, str(path), metadata={k: str(v) for k, v in info.items()})
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={k: str(v) for k, v in info.items()})
+    tmp.replace(path)
 
 
 def load_ewc(path: Path) -> tuple[dict, dict]:

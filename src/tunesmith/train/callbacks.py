@@ -43,11 +43,20 @@ class ProgressCallback(TrainerCallback):
 
 
 class MetricsFileCallback(TrainerCallback):
-    """Appends every log (train and eval) to metrics.jsonl, flushed, so a crash loses nothing logged."""
+    """Appends every log (train and eval) to metrics.jsonl, flushed, so a crash loses nothing logged.
+
+    A resumed run starts again at its checkpoint's step, so the rows an interrupted run logged after that
+    step are dropped when training begins: every step is in the file once, with the values of the run
+    that produced the final weights.
+    """
 
     def __init__(self, path: Path, progress: ProgressCallback):
         self.path = path
         self.progress = progress
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0:
+            drop_rows_after(self.path, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
@@ -58,3 +67,23 @@ class MetricsFileCallback(TrainerCallback):
             record["tokens_seen"] = int(state.num_input_tokens_seen)
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+def drop_rows_after(path: Path, step: int) -> None:
+    """Keep the rows of metrics.jsonl up to `step`, rewritten atomically (a temporary file, then a rename).
+
+    A line that does not parse is the torn last write of a killed run, and goes too.
+    """
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    tmp.replace(path)

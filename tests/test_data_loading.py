@@ -17,7 +17,8 @@ from tunesmith.data.formats import detect_format, to_conversation
 from tunesmith.data.loading import Row, load_rows
 from tunesmith.errors import TunesmithError
 from tunesmith.models import resolve_model
-from tunesmith.rundir import check_output_dir
+from tunesmith.outdir import check_target
+from tunesmith.rundir import resume_checkpoint
 
 SYS = {"role": "system", "content": "Be brief."}
 
@@ -591,32 +592,35 @@ def test_existing_gguf_file_resolves_without_loading(tmp_path):
     assert (resolved.kind, resolved.path, resolved.gguf_file) == ("gguf", str(tmp_path), "model.gguf")
 
 
-# --- rundir.check_output_dir ----------------------------------------------------------------------
+# --- outdir.check_target and rundir.resume_checkpoint ---------------------------------------------
+TAKEN = "already exists and is not empty; pass --overwrite"
+
+
+def check_output_dir(path, may_replace):
+    check_target(path, [], may_replace=may_replace, flag="output_dir", example="runs/my-run", taken=TAKEN)
 
 
 def test_output_dir_new_or_empty_is_fine(tmp_path):
-    assert check_output_dir(tmp_path / "new", overwrite=False, resume=False) is None
-    assert check_output_dir(tmp_path, overwrite=False, resume=False) is None
+    check_output_dir(tmp_path / "new", may_replace=False)
+    check_output_dir(tmp_path, may_replace=False)
 
 
 def test_output_dir_not_empty_is_refused_without_overwrite(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     with pytest.raises(TunesmithError) as info:
-        check_output_dir(tmp_path, overwrite=False, resume=False)
-    msg = str(info.value)
-    assert msg.startswith(f"output_dir '{tmp_path}' already exists and is not empty")
-    assert "--overwrite" in msg and "--resume" in msg
+        check_output_dir(tmp_path, may_replace=False)
+    assert str(info.value) == f"output_dir '{tmp_path}' {TAKEN}"
 
 
 def test_output_dir_not_empty_with_overwrite(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
-    assert check_output_dir(tmp_path, overwrite=True, resume=False) is None
+    check_output_dir(tmp_path, may_replace=True)
 
 
 def test_resume_without_checkpoint(tmp_path):
     (tmp_path / "checkpoint-5").mkdir()  # incomplete: no trainer_state.json
     with pytest.raises(TunesmithError) as info:
-        check_output_dir(tmp_path, overwrite=False, resume=True)
+        resume_checkpoint(tmp_path)
     msg = str(info.value)
     assert msg.startswith(f"--resume: no checkpoint in '{tmp_path}'")
     assert "checkpoint-N" in msg
@@ -624,7 +628,7 @@ def test_resume_without_checkpoint(tmp_path):
 
 def test_resume_without_output_dir(tmp_path):
     with pytest.raises(TunesmithError, match="no checkpoint"):
-        check_output_dir(tmp_path / "missing", overwrite=False, resume=True)
+        resume_checkpoint(tmp_path / "missing")
 
 
 def test_resume_picks_the_latest_complete_checkpoint(tmp_path):
@@ -634,4 +638,4 @@ def test_resume_picks_the_latest_complete_checkpoint(tmp_path):
         if complete:
             (ckpt / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-final").mkdir()
-    assert check_output_dir(tmp_path, overwrite=False, resume=True) == tmp_path / "checkpoint-100"
+    assert resume_checkpoint(tmp_path) == tmp_path / "checkpoint-100"

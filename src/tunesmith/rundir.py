@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .config import RunConfig, config_to_yaml, load_config
 from .errors import TunesmithError
+from .outdir import Input, inputs, model_input
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -54,23 +55,26 @@ def last_checkpoint(path: str | Path) -> Path | None:
     return max(complete, key=lambda c: int(c.name.split("-")[1]), default=None)
 
 
-def check_output_dir(path: Path, overwrite: bool, resume: bool) -> Path | None:
-    """Refuse to clobber earlier work; return the checkpoint to resume from, if asked."""
-    if resume:
-        ckpt = last_checkpoint(path)
-        if ckpt is None:
-            raise TunesmithError(
-                f"--resume: no checkpoint in '{path}' (checkpoints are folders named checkpoint-N); "
-                "train without --resume to start from scratch"
-            )
-        return ckpt
-    resolved = path.resolve()
-    if overwrite and (resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents or resolved == Path.home()):
-        raise TunesmithError(f"output_dir '{path}' is the working directory, one of its parents or your home; "
-                             "--overwrite would delete it. Choose a dedicated folder such as runs/my-run")
-    if path.exists() and any(path.iterdir()) and not overwrite:
+def resume_checkpoint(path: Path) -> Path:
+    """The checkpoint --resume continues from: the last complete one in the run folder."""
+    ckpt = last_checkpoint(path)
+    if ckpt is None:
         raise TunesmithError(
-            f"output_dir '{path}' already exists and is not empty; pass --overwrite to replace it, "
-            "--resume to continue it, or --output-dir to write elsewhere"
+            f"--resume: no checkpoint in '{path}' (checkpoints are folders named checkpoint-N); "
+            "train without --resume to start from scratch"
         )
-    return None
+    return ckpt
+
+
+def run_inputs(config: RunConfig, recipe: str | Path | None = None) -> list[Input]:
+    """Everything a training run reads from disk, which its output folder must stay clear of."""
+    d, r = config.data, config.regularize
+    found = inputs("recipe", recipe) + model_input(config.model, "model")
+    found += inputs("data file", d.train) + inputs("eval data file", d.eval)
+    if d.chat_template and "{" not in d.chat_template:
+        found += inputs("chat template", d.chat_template)
+    if r.replay is not None and r.replay.source != "general":
+        found += inputs("replay data", r.replay.source)
+    if r.ewc is not None and r.ewc.reference != "general":
+        found += inputs("EWC reference data", r.ewc.reference)
+    return found + inputs("continual.previous run", config.continual.previous)

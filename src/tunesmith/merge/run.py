@@ -14,10 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
@@ -26,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import TunesmithError
+from ..outdir import Input, check_target, inputs, staged
 from . import methods
 from .io import PlannedTensor, ShardedWriter, TensorInfo
 from .sources import Adapter, FullModel, open_input
@@ -54,10 +53,6 @@ class MergePlan:
     labels: list[str]  # `models[i]` of each input, for messages
     tensors: list[PlannedTensor]
     num_layers: int
-
-    @property
-    def folders(self) -> list[Path]:
-        return [self.reference.folder] + [i.folder for i in self.inputs]
 
 
 # ---- planning --------------------------------------------------------------------------------------------
@@ -278,15 +273,12 @@ def _malloc_trim():
 
 
 # ---- the output folder -----------------------------------------------------------------------------------
-def _check_target(target: Path, overwrite: bool, plan: MergePlan) -> None:
-    if target.exists() and not target.is_dir():
-        raise TunesmithError(f"--out '{target}' is a file; choose a folder")
-    resolved = target.resolve()
-    for folder in plan.folders:
-        if resolved == folder.resolve():
-            raise TunesmithError(f"--out '{target}' is one of the models being merged; write to another folder")
-    if target.exists() and any(target.iterdir()) and not overwrite:
-        raise TunesmithError(f"--out '{target}' exists and is not empty; pass --overwrite or choose another folder")
+def _reads(plan: MergePlan, spec_file: Optional[Union[str, Path]]) -> list[Input]:
+    """The files and folders the merge reads, which --out must stay clear of."""
+    found = inputs("merge spec", spec_file)
+    for src, label in zip(plan.inputs, plan.labels):
+        found += inputs(f"input {label}", src.folder)
+    return found + inputs("base model", plan.reference.folder)
 
 
 def _copy_model_files(reference: Path, out: Path, dtype: str) -> list[str]:
@@ -317,24 +309,33 @@ def _write_spec(spec: MergeSpec, out: Path) -> None:
     (out / SPEC_FILE).write_text(header + spec_to_yaml(spec), encoding="utf-8")
 
 
-def merge(spec, out: Union[str, Path], overwrite: bool = False, *, progress: bool = True) -> Path:
+def merge(
+    spec, out: Union[str, Path], overwrite: bool = False, *, progress: bool = True,
+    spec_file: Optional[Union[str, Path]] = None,
+) -> Path:
     """Merge as the spec says (a MergeSpec, a dict, or a YAML path) into the folder `out`; return it.
 
     The folder loads with `AutoModelForCausalLM.from_pretrained(out)` alone. It is written into a
-    temporary folder next to `out` and renamed at the end, so a failure leaves nothing behind; a
-    non-empty `out` is replaced only with overwrite=True.
+    temporary folder next to `out` and swapped in at the end (outdir.staged), so a failure leaves
+    nothing behind and an earlier `out` as it was; a non-empty `out` is replaced only with
+    overwrite=True, and never when it is, holds or lies inside an input (`spec_file`: the spec's YAML,
+    when `spec` was loaded from one by the caller).
     """
+    if isinstance(spec, (str, Path)):
+        spec_file = spec
     spec = load_merge_spec(spec)
     plan = plan_merge(spec)
     target = Path(out).expanduser()
-    _check_target(target, overwrite, plan)
+    check_target(target, _reads(plan, spec_file), may_replace=overwrite, flag="--out", example="merged/my-model",
+                 taken="exists and is not empty; pass --overwrite or choose another folder")
+    with staged(target) as tmp:
+        _write(plan, tmp, progress)
+    return target
 
-    created = [p for p in [target.parent, *target.parent.parents] if not p.exists()]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+
+def _write(plan: MergePlan, tmp: Path, progress: bool) -> None:
+    """Stream every merged tensor into shards in `tmp`, then the model files and the spec beside them."""
+    spec = plan.spec
     writer = ShardedWriter(tmp, plan.tensors, spec.max_shard_size)
     bar = tqdm(total=len(plan.tensors), desc=f"merge ({spec.method})", unit="tensor", disable=not progress,
                dynamic_ncols=True)
@@ -360,32 +361,9 @@ def merge(spec, out: Union[str, Path], overwrite: bool = False, *, progress: boo
         bar.close()
         _copy_model_files(plan.reference.folder, tmp, spec.dtype)
         _write_spec(spec, tmp)
-        _replace(tmp, target)
-        torch.set_num_threads(threads)
     except BaseException:
-        torch.set_num_threads(threads)
         bar.close()
         writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created:  # parents this call created, innermost first
-            try:
-                folder.rmdir()
-            except OSError:
-                break
         raise
-    return target
-
-
-def _replace(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.rename(tmp, target)
-        return
-    if not any(target.iterdir()):
-        target.rmdir()
-        os.rename(tmp, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    old.rmdir()
-    os.rename(target, old)
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
+    finally:
+        torch.set_num_threads(threads)

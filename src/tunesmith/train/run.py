@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,10 @@ from ..models import load_model, load_tokenizer
 from .. import continual
 from ..regularize import build_loss_terms
 from ..regularize.replay import mix_stats, prepare_training_data
-from ..rundir import DATA_STATS_FILE, METRICS_FILE, SUMMARY_FILE, check_output_dir, write_config, write_json
+from ..outdir import check_target, in_place
+from ..rundir import (
+    DATA_STATS_FILE, METRICS_FILE, SUMMARY_FILE, last_checkpoint, resume_checkpoint, run_inputs, write_config, write_json,
+)
 from .callbacks import MetricsFileCallback, ProgressCallback
 from .attention import restore_attention, use_packed_attention
 from .neftune import NEFTune
@@ -116,20 +118,37 @@ def train(
     resume: bool = False,
     progress: bool = True,
     data: PreparedData | None = None,
+    recipe: str | Path | None = None,
 ) -> TrainResult:
-    """Fine-tune `config.model` on `config.data` with `config.method`; return the run folder and a summary."""
+    """Fine-tune `config.model` on `config.data` with `config.method`; return the run folder and a summary.
+
+    The output folder is touched only after the config, the folder itself (never an input such as
+    `recipe`, the data or the model, nor the working directory) and the model reference are checked and
+    the data is prepared. With --resume the run continues in its folder. Otherwise an earlier run there
+    (only with overwrite) is renamed to a hidden sibling and the new run writes into the real folder, so
+    its checkpoints are where --resume looks; the earlier run is deleted when the new one finishes, or
+    fails after its first checkpoint (resumable), and renamed back if it fails before one.
+    """
     from transformers import set_seed
-    from transformers.trainer_callback import PrinterCallback
 
     out = Path(config.output_dir)
-    checkpoint = check_output_dir(out, overwrite, resume)
-    if overwrite and out.exists() and not resume:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = resume_checkpoint(out) if resume else None
+    check_target(out, run_inputs(config, recipe), may_replace=overwrite or resume, flag="output_dir",
+                 example="runs/my-run", taken="already exists and is not empty; pass --overwrite to replace it, "
+                 "--resume to continue it, or --output-dir to write elsewhere")
     set_seed(config.train.seed)
-
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     data = data or prepare_training_data(config, tokenizer)  # prepare_data + task prefixes, weighted mixing, replay
+    if checkpoint is not None:
+        return _fit(config, out, tokenizer, data, checkpoint, progress)
+    with in_place(out, keep_partial=lambda folder: last_checkpoint(folder) is not None):
+        return _fit(config, out, tokenizer, data, None, progress)
+
+
+def _fit(config: RunConfig, out: Path, tokenizer, data: PreparedData, checkpoint: Path | None, progress: bool) -> TrainResult:
+    """Load and prepare the model, train it into `out` (from `checkpoint` when resuming) and write the run."""
+    from transformers.trainer_callback import PrinterCallback
+
     write_config(out, config)
     write_json(out / DATA_STATS_FILE, {"train": data.train_stats.as_dict(), "eval": data.eval_stats.as_dict(), **mix_stats(data)})
 

@@ -11,6 +11,8 @@ import torch
 
 from tunesmith.models import BUILTIN_MODELS, DEFAULT_MODEL, builtin_gguf_path, is_builtin_cached
 
+from oracle import read_rows, right_json, script_answers
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,7 +77,7 @@ def quickstart_run(tmp_path_factory):
     return config, train(config, progress=False)
 
 
-def test_quickstart_trains_and_evaluates(quickstart_run):
+def test_quickstart_trains_and_evaluates(quickstart_run, monkeypatch):
     from tunesmith.evaluate.run import evaluate
 
     config, result = quickstart_run
@@ -96,6 +98,17 @@ def test_quickstart_trains_and_evaluates(quickstart_run):
     assert report["examples"] == 4
     assert report["scorer"] == "json_match"
     assert {"score", "eval_loss", "perplexity"} <= report.keys()
+
+    # Scripted answers (tests/oracle.py): the quickstart's scorer gives its own eval references full marks, each
+    # paired with its own prompt, and the real model's eval loss does not depend on what generation returns.
+    rows = read_rows(config.data.eval)
+    asked = script_answers(monkeypatch, rows, lambda model, i, row: right_json(row) if i != 1 else "I do not know.")
+    scripted = evaluate(str(run), progress=False)
+    assert asked == [0, 1, 2, 3]
+    assert scripted["score"] == 0.75
+    assert [s["reference"] for s in scripted["samples"]] == [r["output"] for r in rows]
+    assert [s["score"] for s in scripted["samples"]] == [1.0, 0.0, 1.0, 1.0]
+    assert scripted["eval_loss"] == report["eval_loss"]
 
 
 def test_quickstart_export_merged_matches_adapter(quickstart_run, tmp_path, probe, tokenizer):

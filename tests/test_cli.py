@@ -174,11 +174,19 @@ def test_train_writes_run(trained_run):
     assert sorted(p.name for p in trained_run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
 
 
-def test_eval_json(trained_run):
+def test_eval_json(workdir, trained_run, monkeypatch):
+    from oracle import read_rows, right_json, script_answers, wrong_json
+
+    rows = read_rows(workdir["dir"] / "eval.jsonl")
+    # Scripted answers (tests/oracle.py): row 0 right, row 1 one guest off.
+    script_answers(monkeypatch, rows, lambda model, i, row: wrong_json(row) if i else right_json(row))
     report = json.loads(ok(invoke("eval", trained_run, "--json")))
     assert report["model"] == str(trained_run)
     assert report["examples"] == 2
     assert {"score", "eval_loss", "perplexity", "samples"} <= report.keys()
+    assert report["score"] == 0.5
+    assert [(s["prediction"], s["reference"], s["score"]) for s in report["samples"]] == [
+        (right_json(rows[0]), rows[0]["output"], 1.0), (wrong_json(rows[1]), rows[1]["output"], 0.0)]
 
 
 def test_eval_base_recipe_text(workdir, trained_run):

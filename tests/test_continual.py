@@ -19,6 +19,7 @@ from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 
 from helpers import write_jsonl
+from oracle import read_rows, script_answers
 
 
 def _recipe(tmp: Path, model_dir, name: str, rows, held, prefix: str, **extra) -> dict:
@@ -79,6 +80,7 @@ def _train_time_model(config):
     return prepared.model.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["progressive", "o-lora", "merge", "separate"])
 def test_old_task_outputs_at_new_adapter_init(tasks, tokenizer, tiny_model_dir, strategy):
     from tunesmith.inference import load_for_inference
@@ -97,6 +99,7 @@ def test_old_task_outputs_at_new_adapter_init(tasks, tokenizer, tiny_model_dir, 
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 8192  # r=4 on the tiny model
 
 
+@pytest.mark.slow
 def test_progressive_run_folder_and_routing(tasks, tokenizer):
     from tunesmith.evaluate.run import evaluate
     from tunesmith.inference import load_for_inference
@@ -131,6 +134,7 @@ def test_progressive_run_folder_and_routing(tasks, tokenizer):
         evaluate(str(run2), limit=1, progress=False, adapter="nope")
 
 
+@pytest.mark.slow
 def test_task_prefixes_in_training_eval_and_auto_routing(tasks, tokenizer):
     from tunesmith.evaluate.run import eval_conversations, evaluate
     from tunesmith.inference import load_for_inference
@@ -172,15 +176,69 @@ def test_chat_applies_prefix_and_routes(tasks):
         continual.make_chat_session(loaded, "task9")
 
 
-def test_sequence_accuracy_matrix(tasks):
-    from tunesmith.evaluate.forgetting import forgetting_report, sequence_metrics
+LORA_B = "base_model.model.model.layers.0.self_attn.q_proj"
 
+
+def serving(model, adapters: dict[str, torch.Tensor]) -> set[str]:
+    """The tasks whose adapters the model serves with right now, recognised by one of their lora_B weights."""
+    module = model.get_submodule(LORA_B)
+    active = model.base_model.active_adapters
+    return {task for task, weight in adapters.items()
+            for name in active if torch.equal(module.lora_B[name].weight, weight)}
+
+
+def script_task_answers(tasks, monkeypatch) -> None:
+    """Scripted answers (tests/oracle.py) that depend on which adapters serve, not on which run folder holds them.
+
+    Task 1's rows are right while task 1's adapter serves alone; beside task 2's adapter only its first row is
+    (task 2 interferes); without it none is. Task 2's rows are right whenever task 2's adapter serves.
+    """
+    task1 = read_rows(tasks["tmp"] / "task1-eval.jsonl")
+    rows = task1 + read_rows(tasks["tmp"] / "task2-eval.jsonl")
+    adapters = {t: load_file(tasks[run] / "adapter_model.safetensors")[f"{LORA_B}.lora_B.weight"]
+                for t, run in (("task1", "run1"), ("task2", "run2"))}
+
+    def answer(model, i, row):
+        now = serving(model, adapters)
+        if i < len(task1):
+            right = now == {"task1"} or (now == {"task1", "task2"} and i == 0)
+        else:
+            right = "task2" in now
+        return row["output"] if right else "I do not know."
+
+    script_answers(monkeypatch, rows, answer)
+
+
+def test_accuracy_matrix_from_scripted_answers(tasks, monkeypatch):
+    """Unrouted, run 2 serves task 1 with both adapters: half of task 1 is forgotten.
+
+    By hand: R = [[1, 0], [0.5, 1]] (row i: after training task i; column j: task j), average accuracy
+    (0.5 + 1) / 2 = 0.75, BWT = R[1][0] - R[0][0] = -0.5.
+    """
+    from tunesmith.evaluate.forgetting import accuracy_matrix
+
+    script_task_answers(tasks, monkeypatch)
+    seq = accuracy_matrix([str(tasks["run1"]), str(tasks["run2"])], limit=2)
+    assert seq["R"] == [[1.0, 0.0], [0.5, 1.0]]
+    assert seq["average_accuracy"] == 0.75
+    assert seq["bwt"] == -0.5
+
+
+@pytest.mark.slow
+def test_sequence_accuracy_matrix(tasks, monkeypatch):
+    """Routed: run 2 serves task 1 with task 1's adapter alone, so nothing is forgotten.
+
+    By hand: R = [[1, 0], [1, 1]], average accuracy 1, BWT = R[1][0] - R[0][0] = 0.
+    """
+    from tunesmith.evaluate.forgetting import forgetting_report
+
+    script_task_answers(tasks, monkeypatch)
     report = forgetting_report(str(tasks["run2"]), limit=1, adapter="auto", progress=False)
+    assert report["task"]["score"] == 1.0
     seq = report["sequence"]  # the sequence comes from continual.previous
     assert seq["runs"] == [str(tasks["run1"].resolve()), str(tasks["run2"])]
-    assert len(seq["R"]) == 2 and all(len(r) == 2 for r in seq["R"])
-    assert {k: seq[k] for k in ("average_accuracy", "bwt")} == sequence_metrics(seq["R"])
-    assert seq["R"][1][0] == seq["R"][0][0]  # routed: task 1 is served by its own adapter
+    assert seq["R"] == [[1.0, 0.0], [1.0, 1.0]]
+    assert seq["average_accuracy"] == 1.0 and seq["bwt"] == 0.0
     assert report["general"]["base_perplexity"] != report["general"]["perplexity"]
 
 

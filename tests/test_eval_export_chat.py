@@ -20,6 +20,7 @@ from tunesmith.errors import TunesmithError
 from tunesmith.evaluate.scorers import contains, exact_match, json_match
 
 from helpers import write_jsonl
+from oracle import read_rows, right_json, script_answers, wrong_json
 
 IM_END = "<|im_end|>"
 
@@ -49,12 +50,24 @@ def test_json_match():
     assert json_match('{"name": "Ana", "city": "Lima", "guests": 2', ref) == 0.0  # invalid JSON
     assert json_match("no json here", ref) == 0.0
     assert json_match("", ref) == 0.0
+    assert json_match('{"ok": true}', '{"ok": 1}') == 0.0  # a JSON boolean is not a number
+    assert json_match('{"ok": 0}', '{"ok": false}') == 0.0
+    assert json_match('{"ok": [1, true]}', '{"ok": [1, true]}') == 1.0
+
+
+def test_json_match_reads_the_prediction_loosely_and_the_reference_strictly():
+    """Only the prediction may carry text around its JSON: swapped arguments would fail on the first line."""
+    ref = '{"name": "Ana"}'
+    assert json_match('Sure: {"name": "Ana"}', ref) == 1.0
+    with pytest.raises(json.JSONDecodeError):
+        json_match(ref, 'Sure: {"name": "Ana"}')
 
 
 def test_contains():
     assert contains("The city is Paris, France.", "paris") == 1.0
     assert contains("The city is  Paris", " Paris ") == 1.0
     assert contains("The city is Lyon", "Paris") == 0.0
+    assert contains("Paris", "The city is Paris") == 0.0  # the reference must be inside the prediction, not vice versa
 
 
 # --- shared run -----------------------------------------------------------------------------------
@@ -163,16 +176,21 @@ def test_supervised_nll_equals_hand_computation(tiny_recipe, tiny_model_dir, tok
 REPORT_KEYS = {"model", "examples", "scorer", "score", "eval_loss", "perplexity", "samples"}
 
 
-def test_evaluate_run_dir_and_base_recipe(run):
+def test_evaluate_run_dir_and_base_recipe(run, monkeypatch):
     from tunesmith.evaluate.run import evaluate
 
     recipe, run_dir = run
+    rows = read_rows(recipe.parent / "eval.jsonl")
+    # Scripted answers (tests/oracle.py): right from the fine-tuned model, one guest off from the base.
+    script_answers(monkeypatch, rows,
+                   lambda model, i, row: right_json(row) if hasattr(model, "peft_config") else wrong_json(row))
     tuned = evaluate(str(run_dir), progress=False)
     assert REPORT_KEYS <= tuned.keys()
     assert tuned["model"] == str(run_dir)
     assert tuned["examples"] == 2  # eval.limit
     assert tuned["scorer"] == "json_match"
-    assert 0.0 <= tuned["score"] <= 1.0
+    assert tuned["score"] == 1.0
+    assert tuned["samples"] == [{"prediction": right_json(r), "reference": r["output"], "score": 1.0} for r in rows[:2]]
     assert tuned["eval_loss"] > 0 and tuned["perplexity"] == pytest.approx(math.exp(tuned["eval_loss"]), rel=1e-3)
     assert all({"prediction", "reference", "score"} <= s.keys() for s in tuned["samples"])
 
@@ -180,13 +198,69 @@ def test_evaluate_run_dir_and_base_recipe(run):
     assert REPORT_KEYS <= base.keys()
     assert base["model"].endswith("(base)")
     assert base["examples"] == 2
+    assert base["score"] == 0.0
     # Different models (the adapter is far from zero), same data.
     assert base["eval_loss"] != tuned["eval_loss"]
     assert [s["reference"] for s in base["samples"]] == [s["reference"] for s in tuned["samples"]]
 
     # A trained recipe (no --base) evaluates its run folder.
     via_recipe = evaluate(str(recipe), limit=1, progress=False)
-    assert via_recipe["model"] == str(run_dir) and via_recipe["examples"] == 1
+    assert via_recipe["model"] == str(run_dir) and via_recipe["examples"] == 1 and via_recipe["score"] == 1.0
+
+
+# Right and wrong answers per scorer, each scored by hand: exact_match forgives surrounding whitespace only;
+# contains finds the reference inside the answer (the wrong answer is inside the reference, so swapped arguments
+# would score it 1); json_match reads JSON out of a sentence (see right_json).
+SCRIPTED = {
+    "exact_match": (lambda row: f"  {row['output']}\n", lambda row: row["output"] + "."),
+    "contains": (lambda row: f"Sure: {row['output'].upper()} - done", lambda row: row["output"][:-4]),
+    "json_match": (right_json, wrong_json),
+}
+
+
+@pytest.mark.parametrize("scorer", sorted(SCRIPTED))
+def test_task_score_counts_scripted_answers(run, monkeypatch, scorer):
+    """Rows 0 and 2 answered right, 1 and 3 wrong: score 0.5 and each sample holds its own prompt's answer and
+    reference; every row right: 1.0."""
+    from tunesmith.evaluate.run import evaluate_loaded
+    from tunesmith.inference import load_for_inference
+
+    recipe, run_dir = run
+    rows = read_rows(recipe.parent / "eval.jsonl")
+    right, wrong = SCRIPTED[scorer]
+    config = load_config(run_dir / "config.yaml")
+    config = config.model_copy(update={"eval": config.eval.model_copy(update={"scorer": scorer, "batch_size": 3})})
+    loaded = load_for_inference(str(run_dir))
+
+    asked = script_answers(monkeypatch, rows, lambda model, i, row: right(row) if i % 2 == 0 else wrong(row))
+    half = evaluate_loaded(loaded, config, limit=4, progress=False)
+    assert asked == [0, 1, 2, 3]
+    assert half["score"] == 0.5
+    assert half["samples"] == [
+        {"prediction": (right if i % 2 == 0 else wrong)(r), "reference": r["output"], "score": float(i % 2 == 0)}
+        for i, r in enumerate(rows)
+    ]
+
+    script_answers(monkeypatch, rows, lambda model, i, row: right(row))
+    assert evaluate_loaded(loaded, config, limit=4, progress=False)["score"] == 1.0
+
+
+def test_json_match_with_a_reference_that_is_not_json(run, tmp_path, monkeypatch):
+    """A data error, reported before any generation time is spent."""
+    import importlib
+
+    eval_run = importlib.import_module("tunesmith.evaluate.run")
+    recipe, run_dir = run
+    rows = read_rows(recipe.parent / "eval.jsonl")
+    write_jsonl(tmp_path / "eval.jsonl", [rows[0], {**rows[1], "output": "Ana, Lima, 2 guests"}])
+    config = load_config(run_dir / "config.yaml")
+    config = config.model_copy(update={"data": config.data.model_copy(update={"eval": str(tmp_path / "eval.jsonl")})})
+    monkeypatch.setattr(eval_run, "generate_batch", lambda *a: pytest.fail("generated before checking the data"))
+    with pytest.raises(TunesmithError) as exc:
+        eval_run.evaluate_loaded(eval_run.load_for_inference(str(run_dir)), config, progress=False)
+    assert str(exc.value) == ("eval.scorer json_match: the reference answer of eval example 2 is not valid JSON "
+                              "(Expecting value): 'Ana, Lima, 2 guests'; fix the eval data or set eval.scorer to "
+                              "exact_match or contains")
 
 
 def test_evaluate_untrained_recipe_without_base_fails(tmp_path, tiny_model_dir):

@@ -23,6 +23,7 @@ from tunesmith.evaluate.forgetting import (
 )
 
 from helpers import write_jsonl
+from oracle import read_rows, right_json, script_answers, wrong_json
 
 
 def test_general_corpus_split_is_disjoint_and_deterministic():
@@ -102,12 +103,14 @@ def perturbed_run(tmp_path_factory, tiny_model_dir):
     return run
 
 
+@pytest.mark.slow
 def test_forgetting_report_base_vs_finetuned(perturbed_run, tiny_model_dir, tokenizer, tmp_path, monkeypatch):
     from tunesmith.evaluate import general_questions as gq
     from tunesmith.evaluate.forgetting import forgetting_report
     from tunesmith.models import load_model
 
     monkeypatch.setattr(gq, "tunesmith_home", lambda: tmp_path)
+    script_answers(monkeypatch, read_rows(perturbed_run.parent / "eval.jsonl"), lambda model, i, row: right_json(row))
     report = forgetting_report(str(perturbed_run), limit=2, progress=False)
     g = report["general"]
     assert g["tokens"] == 255  # eval.general_tokens = 256: one block
@@ -118,6 +121,7 @@ def test_forgetting_report_base_vs_finetuned(perturbed_run, tiny_model_dir, toke
     assert abs(g["perplexity"] - g["base_perplexity"]) > 1.0  # the randomised adapter changes the model
     assert g["relative_change"] == pytest.approx((g["perplexity"] - g["base_perplexity"]) / g["base_perplexity"], abs=1e-3)
     assert report["task"]["examples"] == 2 and report["task"]["scorer"] == "json_match"
+    assert report["task"]["score"] == 1.0  # scripted answers (tests/oracle.py), every one right
     assert "sequence" not in report
 
     # General questions: the base's greedy answers are cached, and scored under the base loaded on its own.
@@ -158,11 +162,18 @@ def test_same_answer_share_by_hand():
     assert same_answer_share(["a", "b", "c", "d"], ["a", "x", "c", "y"]) == 0.5
 
 
-def test_forgetting_sequence_and_cli(perturbed_run, capsys):
-    """The same run twice as a 'sequence' gives a 2x2 R with equal rows; the CLI prints it as JSON."""
+@pytest.mark.slow
+def test_forgetting_sequence_and_cli(perturbed_run, capsys, monkeypatch):
+    """The same run twice as a 'sequence' gives a 2x2 R with equal rows; the CLI prints it as JSON.
+
+    Scripted answers (tests/oracle.py): the first eval row right, the second one guest off, so every score is 0.5.
+    """
     from typer.testing import CliRunner
 
     from tunesmith.cli import app
+
+    script_answers(monkeypatch, read_rows(perturbed_run.parent / "eval.jsonl"),
+                   lambda model, i, row: wrong_json(row) if i else right_json(row))
 
     result = CliRunner().invoke(app, ["eval", str(perturbed_run), "--forgetting", "--previous", str(perturbed_run),
                                       "--limit", "2", "--general-tokens", "128", "--json"])
@@ -171,9 +182,9 @@ def test_forgetting_sequence_and_cli(perturbed_run, capsys):
     assert report["general"]["tokens"] == 127
     seq = report["sequence"]
     assert seq["runs"] == [str(perturbed_run)] * 2
-    assert len(seq["R"]) == 2 and seq["R"][0] == seq["R"][1]
-    assert seq["R"][1][1] == report["task"]["score"]
-    assert seq["bwt"] == pytest.approx(seq["R"][1][0] - seq["R"][0][0])
+    assert report["task"]["score"] == 0.5
+    assert seq["R"] == [[0.5, 0.5], [0.5, 0.5]]
+    assert seq["average_accuracy"] == 0.5 and seq["bwt"] == 0.0
 
     from tunesmith.cli import _print_forgetting
 
@@ -181,3 +192,4 @@ def test_forgetting_sequence_and_cli(perturbed_run, capsys):
     text = capsys.readouterr().out
     assert "general perplexity (127 tokens" in text and "base" in text and "accuracy matrix R" in text
     assert "backward transfer (BWT)" in text and "general questions" in text
+    assert "json_match 50.0% on 2 examples" in text and "average accuracy 50.0%" in text

@@ -1,4 +1,10 @@
-"""QLoRA on CPU: 4-bit NF4 base with double quantization, and gradients that keep flowing after eval."""
+"""QLoRA on CPU: 4-bit NF4 base with double quantization, and gradients that keep flowing after eval.
+
+bitsandbytes repacks 4-bit weights on the first no-grad CPU forward, and only on CPUs with AVX512-BF16; after
+that, gradients stop flowing. The tests that use the `avx512bf16` fixture make bitsandbytes believe the CPU has
+AVX512-BF16, so the repacking switch starts on in every layer, and check that tunesmith turns it off everywhere:
+that proof does not depend on the machine the tests run on.
+"""
 from __future__ import annotations
 
 import pytest
@@ -18,6 +24,24 @@ def lora_grads(model) -> dict[str, float]:
     return {n: p.grad.abs().sum().item() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
 
 
+@pytest.fixture
+def avx512bf16(monkeypatch):
+    """Every Linear4bit built from here on starts with bitsandbytes' CPU repacking switched on."""
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+
+
+def repacking(model) -> list[bool]:
+    """Per 4-bit layer: is the CPU repacking switch on, or has a weight been repacked already?"""
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7
+    return [m.support_avx512bf16_for_cpu or getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+            for m in layers]
+
+
 def test_base_is_nf4_with_double_quant(tiny_recipe, tiny_model_dir):
     import bitsandbytes as bnb
 
@@ -29,9 +53,12 @@ def test_base_is_nf4_with_double_quant(tiny_recipe, tiny_model_dir):
     assert state.quant_type == "nf4" and state.nested  # nested = double-quantized constants
 
 
-def test_gradients_reach_every_adapter_also_after_generate(tiny_recipe, tiny_model_dir, tokenizer):
+def test_gradients_reach_every_adapter_also_after_generate(tiny_recipe, tiny_model_dir, tokenizer, avx512bf16):
     config = qlora_config(tiny_recipe, tiny_model_dir)
-    model = prepare_model(load_model(config.model, **load_kwargs(config)), config).model
+    base = load_model(config.model, **load_kwargs(config))
+    assert all(repacking(base))  # as on an AVX512-BF16 CPU
+    model = prepare_model(base, config).model
+    assert not any(repacking(model))
     with torch.no_grad():  # B = 0 at init would zero A's gradient; make both sides live
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -51,10 +78,26 @@ def test_gradients_reach_every_adapter_also_after_generate(tiny_recipe, tiny_mod
     with torch.no_grad():
         model(input_ids=x)
         model.generate(input_ids=x, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert not any(repacking(model))
     after = grads()
     assert set(after) == expected
     for name in expected:  # the same input and weights must give the same gradients as before the eval pass
         torch.testing.assert_close(after[name], before[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_loaded_qlora_run_never_repacks(tiny_recipe, tiny_model_dir, tokenizer, avx512bf16):
+    """A trained QLoRA run loaded for eval or chat keeps the repacking off, also after generating."""
+    from tunesmith.inference import generate_batch, load_for_inference
+    from tunesmith.train.run import train
+
+    config = qlora_config({**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 1}}, tiny_model_dir)
+    run = train(config, progress=False).output_dir
+    loaded = load_for_inference(str(run))
+    assert not any(repacking(loaded.model))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Book Oslo"}], tokenize=False,
+                                           add_generation_prompt=True)
+    generate_batch(loaded.model, loaded.tokenizer, [prompt], max_new_tokens=3)
+    assert not any(repacking(loaded.model))
 
 
 @pytest.mark.slow

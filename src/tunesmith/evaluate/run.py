@@ -11,7 +11,7 @@ from ..data.templates import render
 from ..errors import TunesmithError
 from ..inference import generate_batch, load_for_inference
 from .perplexity import supervised_nll
-from .scorers import SCORERS
+from .scorers import SCORERS, check_references
 
 
 def eval_conversations(config: RunConfig):
@@ -40,6 +40,7 @@ def score_generations(model, tokenizer, convs, scorer: str, max_new_tokens: int,
     score_fn = SCORERS[scorer]
     prompts = [render(tokenizer, conv[:-1], add_generation_prompt=True, where=where) for conv, where in convs]
     references = [conv[-1]["content"] for conv, _ in convs]
+    check_references(scorer, references)
     predictions: list[str] = []
     bar = tqdm(total=len(prompts), desc="generate", unit="ex", disable=not progress, dynamic_ncols=True)
     for i in range(0, len(prompts), batch_size):

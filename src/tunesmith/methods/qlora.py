@@ -2,7 +2,7 @@
 
 On CPU, bitsandbytes repacks 4-bit weights for AVX512-BF16 on the first forward under no_grad
 (eval, generate) and afterwards gradients silently stop flowing through those layers. We turn that
-repacking off on every Linear4bit before anything runs; tests/test_methods.py fails if gradients stop.
+repacking off on every Linear4bit before anything runs; tests/test_qlora.py fails if gradients stop.
 """
 from __future__ import annotations
 

@@ -214,8 +214,9 @@ def test_dare_linear_expectation_is_task_arithmetic():
     g = torch.Generator().manual_seed(5)
     base, d1, d2 = torch.randn(32, generator=g), torch.randn(32, generator=g), torch.randn(32, generator=g)
     n = 3000
-    mean = sum(M.dare_linear(base, [d1, d2], [1.0, 0.5], 0.5, seeds=[s, s + n]) for s in range(n)) / n
-    expected = M.task_arithmetic(base, [d1, d2], [1.0, 0.5])
+    # density 0.3, where rescaling by 1 / density and by 1 / (1 - density) give different expectations
+    mean = sum(M.dare_linear(base, [d1, d2], [1.0, 0.5], 0.3, seeds=[s, s + n]) for s in range(n)) / n
+    expected = base + d1 + 0.5 * d2
     assert (mean - expected).abs().max().item() < 0.12 * expected.abs().max().item() + 0.05
 
 
@@ -242,10 +243,28 @@ def test_dare_rescale_none_and_density_one_and_bad_rule():
 def test_dare_ties_with_density_one_is_ties():
     d1, d2 = T(2.0, -1.0, 3.0, 0.5), T(-1.0, 1.0, 2.0, -4.0)
     base = T(0.0, 1.0, 0.0, 1.0)
-    assert close(
-        M.dare_ties(base, [d1, d2], [1.0, 1.0], 1.0, seeds=[0, 1]),
-        M.ties(base, [d1, d2], [1.0, 1.0], 1.0),
-    )
+    # nothing dropped; sums [1, 0, 5, -3.5]: entry 0 only d1 agrees (2), entry 1 a sign tie (0),
+    # entry 2 both agree ((3 + 2) / 2), entry 3 only d2 agrees (-4); plus base
+    assert close(M.dare_ties(base, [d1, d2], [1.0, 1.0], 1.0, seeds=[0, 1]), [2.0, 1.0, 2.5, -3.0])
     # with drops, the result is reproducible from the seeds
     a = M.dare_ties(base, [d1, d2], [1.0, 1.0], 0.5, seeds=[0, 1])
     assert torch.equal(a, M.dare_ties(base, [d1, d2], [1.0, 1.0], 0.5, seeds=[0, 1]))
+
+
+def test_dare_methods_combine_the_dropped_deltas_as_the_papers_say():
+    g = torch.Generator().manual_seed(7)
+    base, d1, d2 = (torch.randn(400, generator=g) for _ in range(3))
+    # the random part: which entries each seed keeps (a tensor of ones dropped without rescaling shows it)
+    keep1 = M.dare_drop(torch.ones(400), 0.3, seed=0, rescale="none") != 0
+    keep2 = M.dare_drop(torch.ones(400), 0.6, seed=1, rescale="none") != 0
+    # the rest by hand: kept entries rescaled by 1 / density, weighted by w = [1, 0.5]
+    t1, t2 = 1.0 * d1 * keep1 / 0.3, 0.5 * d2 * keep2 / 0.6
+    linear = M.dare_linear(base, [d1, d2], [1.0, 0.5], [0.3, 0.6], seeds=[0, 1], lambda_=2.0)
+    assert close(linear, base + 2.0 * (t1 + t2), atol=1e-5)
+    # dare_ties: sign of t1 + t2 elected per entry, mean of the agreeing entries weighted by |w|
+    sign = torch.sign(t1 + t2)
+    a1, a2 = t1 * sign > 0, t2 * sign > 0
+    agreeing = (t1 * a1 + t2 * a2) / (1.0 * a1 + 0.5 * a2).clamp(min=1e-12)
+    ties = M.dare_ties(base, [d1, d2], [1.0, 0.5], [0.3, 0.6], seeds=[0, 1], lambda_=2.0)
+    assert close(ties, base + 2.0 * torch.where(a1 | a2, agreeing, 0.0), atol=1e-5)
+    assert (a1 & ~a2).any() and (a2 & ~a1).any() and (a1 & a2).any()  # every case occurs

@@ -1,7 +1,9 @@
 """`tunesmith.merge` end to end on tiny random Llama models and PEFT adapters.
 
 References are independent of the engine: plain torch on whole state dicts for the full-model
-methods, PEFT's merge_and_unload for adapter task vectors (scale * B @ A).
+methods, with TIES, DARE and SLERP written out here from their papers (DARE's random masks are read
+back from merges where one model alone has a task vector), and PEFT's merge_and_unload for adapter
+task vectors (scale * B @ A).
 """
 from __future__ import annotations
 
@@ -16,9 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import tunesmith
 from tunesmith.errors import TunesmithError
-from tunesmith.merge import methods as M
 from tunesmith.merge.io import INDEX_FILE
-from tunesmith.merge.run import tensor_seed
 from tunesmith.merge.spec import load_merge_spec
 
 
@@ -137,21 +137,91 @@ def test_task_arithmetic_with_negative_weight(zoo, tmp_path):
     assert all(torch.allclose(out[k], base[k], atol=1e-6) for k in out)
 
 
-def test_ties_and_dare_match_the_pure_functions_tensor_by_tensor(zoo, tmp_path):
+# TIES, DARE and SLERP written out from their papers
+def disjoint_mean(weighted: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """TIES' sign election and disjoint mean: the sign of the sum of the weighted task vectors per entry; the
+    mean of the entries that agree with it, weighted by |w| (an entry with a tied sign, or none agreeing, is 0)."""
+    sign = torch.sign(sum(weighted))
+    agree = [(t * sign) > 0 for t in weighted]
+    total = sum(t * a for t, a in zip(weighted, agree))
+    count = sum(abs(w) * a.double() for w, a in zip(weights, agree))
+    return torch.where(count > 0, total / count.clamp(min=1e-12), torch.zeros_like(total))
+
+
+def top_k_by_magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES' trim: keep the density * n entries of largest magnitude. The tests pick densities that make
+    density * n whole for every tensor, so rounding it up or down cannot matter."""
+    k = density * delta.numel()
+    assert k == int(k), (density, delta.shape)
+    keep = torch.zeros(delta.numel(), dtype=torch.bool)
+    keep[delta.flatten().abs().topk(int(k)).indices] = True
+    return delta * keep.view(delta.shape)
+
+
+def slerp_formula(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """sin((1-t)θ)/sin θ · a + sin(tθ)/sin θ · b, θ the angle between a and b seen as flat vectors."""
+    a64, b64 = a.double().flatten(), b.double().flatten()
+    cos = torch.dot(a64, b64) / (a64.norm() * b64.norm())
+    assert abs(cos) < 0.999, "nearly parallel: this reference has no lerp fallback"
+    theta = torch.arccos(cos)
+    out = torch.sin((1 - t) * theta) / torch.sin(theta) * a64 + torch.sin(t * theta) / torch.sin(theta) * b64
+    return out.view(a.shape).float()
+
+
+@pytest.fixture(scope="module")
+def zero_delta_model(zoo):
+    """A copy of the base under another path: its task vector is 0, yet it takes a model index in a spec."""
+    return fine_tuned(zoo["base"], zoo["root"] / "zero", seed=0, scale=0.0)
+
+
+def test_ties_follows_the_paper_tensor_by_tensor(zoo, tmp_path):
     base, m1, m2 = (weights_of(zoo[k]) for k in ("base", "m1", "m2"))
-    models = [{"model": str(zoo["m1"]), "weight": 1.0, "density": 0.3}, {"model": str(zoo["m2"]), "weight": 0.7}]
-    spec = {"base_model": str(zoo["base"]), "models": models, "density": 0.6, "lambda": 0.9, "seed": 11}
-    ties = run_merge({"method": "ties", **spec}, tmp_path / "ties")
-    dare = run_merge({"method": "dare_ties", **spec}, tmp_path / "dare")
-    dlin = run_merge({"method": "dare_linear", **spec, "rescale": "norm"}, tmp_path / "dlin")
+    # every tensor here has a multiple of 16 entries: 0.25 and 0.75 keep a whole number of them
+    models = [{"model": str(zoo["m1"]), "weight": 1.0, "density": 0.25}, {"model": str(zoo["m2"]), "weight": 0.7}]
+    out = run_merge({"method": "ties", "base_model": str(zoo["base"]), "models": models, "density": 0.75,
+                     "lambda": 0.9}, tmp_path / "ties")
     for k in base:
-        deltas = [m1[k] - base[k], m2[k] - base[k]]
-        seeds = [tensor_seed(11, 0, k), tensor_seed(11, 1, k)]
-        assert torch.allclose(ties[k], M.ties(base[k], deltas, [1.0, 0.7], [0.3, 0.6], 0.9), atol=1e-6), k
-        assert torch.allclose(dare[k], M.dare_ties(base[k], deltas, [1.0, 0.7], [0.3, 0.6], seeds, 0.9), atol=1e-6), k
-        assert torch.allclose(dlin[k], M.dare_linear(base[k], deltas, [1.0, 0.7], [0.3, 0.6], seeds, 0.9,
-                                                     rescale="norm"), atol=1e-6), k
-    assert not torch.allclose(ties["model.layers.0.mlp.up_proj.weight"], dare["model.layers.0.mlp.up_proj.weight"])
+        trimmed = [1.0 * top_k_by_magnitude(m1[k] - base[k], 0.25), 0.7 * top_k_by_magnitude(m2[k] - base[k], 0.75)]
+        expected = base[k] + 0.9 * disjoint_mean(trimmed, [1.0, 0.7])
+        assert torch.allclose(out[k], expected.float(), atol=1e-6), k
+
+
+def dropped_delta(zoo, models: list[dict], out: Path, rescale: str = "inverse_density") -> dict:
+    """out - base of a dare_linear merge where only one model has a non-zero task vector (weight 1, lambda 1):
+    that model's dropped and rescaled task vector, with the mask its index and the seed give it in any merge."""
+    out = run_merge({"method": "dare_linear", "base_model": str(zoo["base"]), "models": models, "seed": 11,
+                     "rescale": rescale}, out)
+    base = weights_of(zoo["base"])
+    return {k: out[k] - base[k] for k in base}
+
+
+def test_dare_drops_with_probability_one_minus_density_and_rescales_by_its_inverse(zoo, zero_delta_model, tmp_path):
+    base, m1, m2 = (weights_of(zoo[k]) for k in ("base", "m1", "m2"))
+    # density 0.3: rescaling by 1 / density (3.33) and by 1 / (1 - density) (1.43) differ
+    first = [{"model": str(zoo["m1"]), "density": 0.3}, {"model": str(zero_delta_model), "density": 0.6}]
+    second = [{"model": str(zero_delta_model), "density": 0.3}, {"model": str(zoo["m2"]), "density": 0.6}]
+    dropped = [dropped_delta(zoo, first, tmp_path / "first"), dropped_delta(zoo, second, tmp_path / "second")]
+    for d, m, density in ((dropped[0], m1, 0.3), (dropped[1], m2, 0.6)):
+        kept = {k: v != 0 for k, v in d.items()}
+        share = sum(int(v.sum()) for v in kept.values()) / sum(v.numel() for v in kept.values())
+        assert abs(share - density) < 0.035, share  # 5712 entries: 5 sigma is 0.031 at 0.6
+        for k in d:
+            assert torch.allclose(d[k][kept[k]], (m[k] - base[k])[kept[k]] / density, atol=1e-6), k
+    # rescale: norm scales the kept entries of a tensor by one factor, so that it keeps its L2 norm
+    normed = dropped_delta(zoo, first, tmp_path / "normed", rescale="norm")
+    for k in normed:
+        task_vector = m1[k] - base[k]
+        kept = task_vector * (dropped[0][k] != 0)
+        assert torch.allclose(normed[k], kept * task_vector.norm() / kept.norm(), atol=1e-6), k
+    # dare_linear and dare_ties of both models draw the same masks, then add up or elect signs as the papers say
+    both = [{"model": str(zoo["m1"]), "weight": 1.0, "density": 0.3}, {"model": str(zoo["m2"]), "weight": 0.7}]
+    spec = {"base_model": str(zoo["base"]), "models": both, "density": 0.6, "lambda": 0.9, "seed": 11}
+    linear = run_merge({"method": "dare_linear", **spec}, tmp_path / "linear")
+    ties = run_merge({"method": "dare_ties", **spec}, tmp_path / "ties")
+    for k in base:
+        assert torch.allclose(linear[k], base[k] + 0.9 * (dropped[0][k] + 0.7 * dropped[1][k]), atol=1e-6), k
+        expected = base[k] + 0.9 * disjoint_mean([dropped[0][k], 0.7 * dropped[1][k]], [1.0, 0.7])
+        assert torch.allclose(ties[k], expected.float(), atol=1e-6), k
 
 
 def test_dare_is_reproducible_and_seed_dependent(zoo, tmp_path):
@@ -173,8 +243,8 @@ def test_slerp_gradient_over_layers(zoo, tmp_path):
         else:
             assert torch.equal(out[k], m2[k]), k
     out = run_merge({"method": "slerp", "models": [str(zoo["m1"]), str(zoo["m2"])], "t": 0.3}, tmp_path / "mid")
-    k = "model.layers.1.self_attn.q_proj.weight"
-    assert torch.allclose(out[k], M.slerp(m1[k], m2[k], 0.3), atol=1e-6)
+    for k in out:
+        assert torch.allclose(out[k], slerp_formula(m1[k], m2[k], 0.3), atol=1e-5), k
 
 
 # ---- the output folder -------------------------------------------------------------------------------------
@@ -348,8 +418,9 @@ def test_overwrite_rules(zoo, tmp_path):
     tunesmith.merge(spec, out, overwrite=True, progress=False)
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folders left
-    with pytest.raises(TunesmithError, match="one of the models being merged"):
+    with pytest.raises(TunesmithError) as exc:
         tunesmith.merge(spec, zoo["m1"], overwrite=True, progress=False)
+    assert str(exc.value) == f"--out '{zoo['m1']}' is the input models[0] '{zoo['m1']}'; write to a new folder, such as merged/my-model"
     assert (zoo["m1"] / "model.safetensors").exists()
 
 

@@ -44,8 +44,15 @@ class RankAllocationCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         # global_step counts finished steps; this step is about to finish.
-        self.peft_model.base_model.update_and_allocate(state.global_step + 1)
+        if self.has_budgeting_phase():
+            self.peft_model.base_model.update_and_allocate(state.global_step + 1)
         self.budgets.append((state.global_step + 1, total_rank(self.peft_model)))
+
+    def has_budgeting_phase(self) -> bool:
+        """PEFT prunes by importance scores gathered before the final phase; with no step before it (a
+        one-step run) it has none and fails, so such a run keeps init_r."""
+        config = self.peft_model.peft_config["default"]
+        return config.total_step - config.tfinal > 1
 
 
 def total_rank(peft_model) -> int:

@@ -6,8 +6,6 @@ length from the attention mask, so padding and packing do not change the noise a
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -60,8 +58,3 @@ def example_lengths(position_ids: torch.Tensor) -> torch.Tensor:
         for a, b in zip(starts, starts[1:]):
             out[row, a:b] = b - a
     return out
-
-
-def expected_noise_std(alpha: float, length: int, hidden: int) -> float:
-    """Standard deviation of U(-b, b) noise with b = alpha / sqrt(L d): b / sqrt(3)."""
-    return alpha / math.sqrt(length * hidden) / math.sqrt(3)

@@ -8,11 +8,23 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import TunesmithError
 
-app = typer.Typer(help="Fine-tune your own language model end to end.", no_args_is_help=True, add_completion=False)
+
+class _App(typer.Typer):
+    """The `tunesmith` script calls the app itself: a bug outside `_run` is one line too, not pages of traceback."""
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            _crash(exc)
+
+
+app = _App(help="Fine-tune your own language model end to end.", no_args_is_help=True, add_completion=False)
 models_app = typer.Typer(help="Built-in models: list them, convert them into the cache.", no_args_is_help=True)
 config_app = typer.Typer(help="Show a recipe with every default filled in.", no_args_is_help=True)
 data_app = typer.Typer(help="Look at the data the way the model will see it.", no_args_is_help=True)
@@ -34,16 +46,49 @@ JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON.")
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+    # Escaped: messages quote data such as "[question, answer]", which rich would read as markup.
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
+def _crash(exc: Exception) -> None:
+    """A bug, not a user error: one line naming the exception and the file that holds its traceback; exit 1."""
+    path = _write_traceback(exc)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    where = f"full traceback in {path}" if path else "the traceback could not be written to a file"
+    err.print(f"[bold red]error:[/] unexpected {type(exc).__name__}: {escape(first)} ({where}; please report it)",
+              markup=True, highlight=False, soft_wrap=True)
+    raise SystemExit(1)
+
+
+def _write_traceback(exc: Exception) -> Optional[Path]:
+    """The traceback, with the command line, in $TUNESMITH_HOME/logs, or the system temp dir if that fails."""
+    import tempfile
+    import traceback
+
+    from .paths import tunesmith_home
+
+    text = f"command: {' '.join(sys.argv)}\n\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    for folder in (tunesmith_home() / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix="crash-", suffix=".log", dir=folder)
+            with open(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            return Path(name)
+        except OSError:
+            continue
+    return None
+
+
 def _run(fn):
-    """Call fn; user errors become a one-line message and exit code 1."""
+    """Call fn; user errors become a one-line message and exit code 1, and so do bugs (see _crash)."""
     try:
         return fn()
     except TunesmithError as exc:
         _fail(exc)
+    except Exception as exc:
+        _crash(exc)
 
 
 def _print_json(obj) -> None:
@@ -217,7 +262,7 @@ def train(
 
     def go():
         cfg = _config(recipe, overrides)
-        return run_train(cfg, overwrite=overwrite, resume=resume, progress=not as_json)
+        return run_train(cfg, overwrite=overwrite, resume=resume, progress=not as_json, recipe=recipe)
 
     result = _run(go)
     if as_json:
@@ -313,27 +358,29 @@ def chat(
 
     if prompt is not None:
         return answer(prompt)
-    err.print(f"chatting with {loaded.label}; /reset, /system TEXT, /exit", highlight=False)
+    err.print(f"chatting with {loaded.label}; /reset, /system TEXT, /exit", markup=False, highlight=False)
+    _chat_loop(session, answer)
+
+
+def _chat_loop(session, answer) -> None:
+    """Read lines until /exit, /quit or the end of input; slash commands change the session, the rest is answered."""
     while True:
         try:
-            line = input("> ")
+            text = input("> ").strip()
         except (EOFError, KeyboardInterrupt):
+            sys.stdout.write("\n")  # the shell's prompt starts on a line of its own, not after "> "
             break
-        text = line.strip()
-        if not text:
-            continue
         if text in ("/exit", "/quit"):
             break
         if text == "/reset":
             session.reset()
             err.print("history cleared")
-            continue
-        if text.startswith("/system"):
+        elif text == "/system" or text.startswith("/system "):  # "/systems are..." is a message, not a command
             session.set_system(text[len("/system"):].strip())
             session.reset()
-            err.print(f"system message: {session.system!r} (history cleared)")
-            continue
-        answer(text)
+            err.print(f"system message: {session.system!r} (history cleared)", markup=False, highlight=False)
+        elif text:
+            answer(text)
 
 
 @app.command()
@@ -367,7 +414,7 @@ def merge_cmd(
     from .merge.spec import load_merge_spec
 
     start = time.perf_counter()
-    path = _run(lambda: run_merge(load_merge_spec(spec, set_ or []), out_dir, overwrite=overwrite))
+    path = _run(lambda: run_merge(load_merge_spec(spec, set_ or []), out_dir, overwrite=overwrite, spec_file=spec))
     out.print(f"merged into {path} in {time.perf_counter() - start:.1f} s; load it with "
               f"AutoModelForCausalLM.from_pretrained('{Path(path)}')", highlight=False, soft_wrap=True)
 

@@ -21,11 +21,15 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/python -m tunesmith.demo
 
+# Two workers with one thread each (tests/conftest.py) use both cores without oversubscribing them; bytecode
+# caching stays on so collection does not recompile every module.
+PYTEST := env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest -q -n 2
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -1,6 +1,6 @@
 """Two skills, one model: train a LoRA adapter per task, merge them with every method, score both tasks.
 
-    python bench/merge_tasks.py                                # the README table (~15 min on 2 CPU cores)
+    python bench/merge_tasks.py --eval-limit 50                # the README table (22 min on 2 CPU cores)
     python bench/merge_tasks.py --steps 2 --eval-limit 4      # a smoke run (~5 min): proves the pipeline
     python bench/merge_tasks.py --train-only                   # just the two adapters the merge recipes use
 

@@ -1,7 +1,7 @@
 """Every method on the built-in model, same data and step budget: trainable parameters, peak RSS,
 tokens/s and the held-out demo score. Each method runs in its own process so peak RSS is its own.
 
-    .venv/bin/python bench/methods.py --steps 40 --out bench/results/methods.json
+    .venv/bin/python bench/methods.py --steps 20 --out bench/results/methods.json
 
 Prints a markdown table (the README's) and writes the raw numbers as JSON.
 """
@@ -55,7 +55,7 @@ def run_one(recipe: str, steps: int, out: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--only", nargs="*", help="method labels to run (default: all)")
     parser.add_argument("--out", default="bench/results/methods.json")
     args = parser.parse_args()

@@ -9,7 +9,7 @@ file order (TRL's sampler set to sequential, tunesmith's `train.order: sequentia
 compare like for like. `--checkpointing` adds a third contender: tunesmith with gradient checkpointing, the
 low-memory operating point. Each run is its own process (peak RSS is its own); runs alternate, `--reps` times each.
 
-    .venv/bin/python bench/sft_throughput.py --steps 3 --reps 3 --checkpointing
+    .venv/bin/python bench/sft_throughput.py --steps 2 --reps 3 --checkpointing
 """
 from __future__ import annotations
 

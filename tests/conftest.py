@@ -1,8 +1,9 @@
 """Shared fixtures: the real tokenizer, and tiny random Llama models saved as local HF folders."""
 from __future__ import annotations
 
-import json
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,43 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from helpers import build_tiny_llama, write_jsonl  # noqa: F401  (re-exported for tests)
 
 REPO = Path(__file__).resolve().parent.parent
+# The converted built-in model is kept between sessions inside the repo (gitignored), never in ~/.cache.
+MODEL_CACHE = REPO / ".cache" / "test-models"
+
+
+def pytest_configure(config):
+    """Every cache tunesmith writes goes to a fresh TUNESMITH_HOME (subprocesses inherit it); only the
+    converted built-in model is shared across sessions, through a link, so a cold run converts it once."""
+    home = Path(tempfile.mkdtemp(prefix="tunesmith-test-home-"))
+    MODEL_CACHE.mkdir(parents=True, exist_ok=True)
+    (home / "models").symlink_to(MODEL_CACHE, target_is_directory=True)
+    os.environ["TUNESMITH_HOME"] = str(home)
+    config._tunesmith_home = home
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Two workers share the 2 cores: one thread each (and for their subprocesses) instead of 2 x 2 threads
+        # that spin against each other.
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+def pytest_unconfigure(config):
+    home = getattr(config, "_tunesmith_home", None)
+    if home is not None:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_full_gc_per_trainer():
+    """accelerate runs gc.collect() every time a Trainer starts, to empty a device cache that a CPU does not
+    have; in a test process holding hundreds of models that costs 0.3 s per training run."""
+    from accelerate.utils import memory
+
+    original = memory.clear_device_cache
+    memory.clear_device_cache = lambda garbage_collection=False: original(False)
+    yield
+    memory.clear_device_cache = original
 
 
 @pytest.fixture(scope="session")
@@ -51,12 +89,3 @@ def tiny_recipe(tmp_path, tiny_model_dir, booking_rows):
         "eval": {"scorer": "json_match", "max_new_tokens": 8, "batch_size": 4, "limit": 4},
         "output_dir": str(tmp_path / "run"),
     }
-
-
-@pytest.fixture(autouse=True)
-def _general_answers_in_tmp(tmp_path_factory, monkeypatch):
-    """Cached base-model answers (eval --forgetting) go to a temp folder, not the user's cache."""
-    from tunesmith.evaluate import general_questions
-
-    home = tmp_path_factory.getbasetemp() / "tunesmith-home"
-    monkeypatch.setattr(general_questions, "tunesmith_home", lambda: home)

@@ -97,6 +97,7 @@ def child_peak(root, spec: dict, env: dict | None = None) -> int:
     # (measured up to 8.5; 6 with MALLOC_MMAP_THRESHOLD_=65536)
     ("ties", 12),
 ])
+@pytest.mark.slow
 def test_peak_memory_stays_at_a_few_tensors(big_models, method, max_tensors):
     root = big_models
     spec = {"method": method, "models": [str(root / "big1"), str(root / "big2")]}

@@ -455,7 +455,7 @@ def _act_id(c: dict) -> str:
     return "-".join(str(v) for v in c.values()).replace("['q_proj', 'v_proj']", "qv")
 
 
-FAST_ACT = [("llama", c) for c in ACT_CASES] + [(f, c) for f in ("qwen2", "gemma2", "phi3") for c in ACT_CASES[1:4:2]]
+FAST_ACT = [("llama", c) for c in ACT_CASES] + [(f, ACT_CASES[1]) for f in ("qwen2", "gemma2", "phi3")]
 SLOW_ACT = [(f, c) for f in ("qwen2", "gemma2", "phi3") for c in ACT_CASES if (f, c) not in FAST_ACT]
 
 

@@ -130,7 +130,7 @@ cfg = load_config({{"model": "smollm2-135m-instruct", "data": {{"train": "x"}}, 
 print(json.dumps(measure(cfg, seq_len=64, batch=1, steps=2).as_dict()))
 """)
     assert m["measured_bytes"] > 0 and m["seconds_per_step"] > 0
-    assert abs(m["error"]) <= 0.15, m
+    assert abs(m["error"]) <= 0.075, m  # the README's "worst |error| 7.5%" (bench/plan_accuracy.py)
 
 
 @pytest.mark.slow
@@ -147,10 +147,12 @@ print(json.dumps(json.loads(r.output)))
 """)
     assert d["data"]["train"]["examples"] > 0
     assert d["measurement"]["measured_bytes"] > 0 and d["measurement"]["seconds_per_step"] > 0
+    # A 64-wide model is mostly fixed process overhead; the README's 7.5% bound is for the bench's models.
     assert abs(d["measurement"]["error"]) <= 0.15
     assert not (tmp_path / "run").exists()  # a dry run writes no run folder
 
 
+@pytest.mark.slow
 def test_peak_rss_tracker_sees_a_short_lived_allocation():
     d = in_fresh_process("""
 import json, torch

@@ -327,6 +327,7 @@ def test_ewc_penalty_and_once_per_step():
 # --- one run with replay, distill and EWC ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_run_with_replay_distill_and_ewc(tmp_path, tiny_model_dir, monkeypatch):
     from safetensors.torch import load_file
 

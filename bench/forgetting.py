@@ -49,8 +49,8 @@ def overrides(args, name: str, extra: list[str] = ()) -> list[str]:
 
 def mitigations(args, log) -> list[dict]:
     from tunesmith.config import load_config
-    from tunesmith.evaluate.forgetting import forgetting_report
-    from tunesmith.train.run import train
+    from tunesmith.evaluation.forgetting import forgetting_report
+    from tunesmith.training.run import train
 
     rows = []
     for name in args.methods:
@@ -84,10 +84,10 @@ def sequence(args, log) -> dict:
     from tunesmith.config import load_config
     from tunesmith.continual import adapters_for_task
     from tunesmith.demo import shopping
-    from tunesmith.evaluate.forgetting import sequence_metrics
-    from tunesmith.evaluate.run import evaluate_loaded
+    from tunesmith.evaluation.forgetting import sequence_metrics
+    from tunesmith.evaluation.run import evaluate_loaded
     from tunesmith.inference import load_for_inference
-    from tunesmith.train.run import train
+    from tunesmith.training.run import train
 
     out = Path(args.out)
     shop_train, shop_eval = shopping.write(out / "data")

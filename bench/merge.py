@@ -29,7 +29,7 @@ import psutil, torch
 spec, out, mode = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 proc = psutil.Process()
 if mode == "tunesmith":
-    from tunesmith.merge.run import merge
+    from tunesmith.merging.run import merge
 try:
     open("/proc/self/clear_refs", "w").write("5")
     sampled = None
@@ -65,7 +65,7 @@ def make_copies(workdir: Path) -> tuple[str, list[str], int, int]:
 
     import torch
 
-    from tunesmith.merge.io import ModelWeights, PlannedTensor, ShardedWriter
+    from tunesmith.merging.io import ModelWeights, PlannedTensor, ShardedWriter
     from tunesmith.models import resolve_model
 
     base = resolve_model("smollm2-135m-instruct").path

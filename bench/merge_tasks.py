@@ -50,15 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(REPO / "src"))
-    # The functions themselves: `tunesmith.train` turns into the subpackage once tunesmith.train.run is imported.
+    # The functions themselves: `tunesmith.train` turns into the subpackage once tunesmith.training.run is imported.
     from tunesmith.config import load_config
     from tunesmith.demo import shopping
-    from tunesmith.evaluate.run import evaluate
-    from tunesmith.export import export
-    from tunesmith.merge.run import merge
-    from tunesmith.merge.spec import load_merge_spec
+    from tunesmith.evaluation.run import evaluate
+    from tunesmith.exporting import export
+    from tunesmith.merging.run import merge
+    from tunesmith.merging.spec import load_merge_spec
     from tunesmith.quiet import quiet_libraries
-    from tunesmith.train.run import train as run_train
+    from tunesmith.training.run import train as run_train
 
     quiet_libraries()
     out = Path(args.out).resolve()

@@ -33,8 +33,8 @@ import json, resource, sys
 from tunesmith.quiet import quiet_libraries
 quiet_libraries()
 from tunesmith.config import load_config
-from tunesmith.train.run import train
-from tunesmith.evaluate.run import evaluate
+from tunesmith.training.run import train
+from tunesmith.evaluation.run import evaluate
 recipe, steps, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 cfg = load_config(recipe, [f"train.max_steps={steps}", f"output_dir={out}"])
 run = train(cfg, overwrite=True, progress=False)

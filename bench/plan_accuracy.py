@@ -5,7 +5,7 @@
 For each model (the built-in SmolLM2-135M-Instruct and two random tiny Llamas of different shapes)
 and each method (full, lora, qlora, galore), at two sequence lengths, one child process loads the
 model, runs 2 optimizer steps through tunesmith's Trainer on synthetic tokens (micro batch 1, every
-position supervised) and reports its peak RSS above the idle process (see tunesmith.plan.measure for
+position supervised) and reports its peak RSS above the idle process (see tunesmith.planning.measure for
 how). Each run gets a fresh process so one run's memory never counts in the next. Prints the markdown
 table (predicted, measured, error) and writes the raw numbers as JSON.
 
@@ -35,7 +35,7 @@ import json, sys
 from tunesmith.quiet import quiet_libraries
 quiet_libraries()
 from tunesmith.config import load_config
-from tunesmith.plan.measure import measure
+from tunesmith.planning.measure import measure
 model, method, seq, live = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "live"
 opts = {"galore": {"galore_rank": 64, "update_proj_gap": 200}}.get(method, {})
 cfg = load_config({"model": model, "data": {"train": "(synthetic)"}, "method": {"name": method, **opts},

@@ -29,7 +29,7 @@ steps, micro, accum = int(sys.argv[2]), 4, 4
 
 TUNESMITH = COMMON + r"""
 from tunesmith.config import load_config
-from tunesmith.train.run import train
+from tunesmith.training.run import train
 cfg = load_config("recipes/quickstart.yaml", [f"train.max_steps={steps}", f"train.batch_size={micro}",
     f"train.grad_accum={accum}", "train.lr=2e-4", "train.warmup=0.03", "train.logging_steps=1",
     "output_dir=/tmp/bench-sft-tunesmith", "train.eval_each_epoch=false", "train.order=sequential", *sys.argv[3:]])

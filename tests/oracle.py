@@ -2,13 +2,12 @@
 
 Tiny random models answer garbage, so every task score they get is 0, and a scorer called with its arguments
 swapped, references paired with the wrong prompts or a transposed accuracy matrix would all still read 0.
-`script_answers` replaces the generation step of `tunesmith.evaluate.run`: it finds the eval row each prompt
+`script_answers` replaces the generation step of `tunesmith.evaluation.run`: it finds the eval row each prompt
 was rendered from (the one row whose input text the prompt contains) and returns the answer the test scripts
 for that row, so the test knows in advance which examples are right.
 """
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -30,7 +29,8 @@ def row_of(rows: list[dict], prompt: str) -> int:
 
 def script_answers(monkeypatch, rows: list[dict], answer: Answer) -> list[int]:
     """Answer each eval prompt with answer(model, i, rows[i]); returns the row indices asked, in order."""
-    run = importlib.import_module("tunesmith.evaluate.run")  # `tunesmith.evaluate` is also the function's name
+    from tunesmith.evaluation import run
+
     asked: list[int] = []
 
     def generate(model, tokenizer, prompts, max_new_tokens):

@@ -58,7 +58,7 @@ def test_cached_model_equals_gguf(probe):
 def quickstart_run(tmp_path_factory):
     """quickstart.yaml, 3 steps, a 4-row eval file (the trainer's own eval reads every eval row)."""
     from tunesmith.config import load_config
-    from tunesmith.train.run import train
+    from tunesmith.training.run import train
 
     tmp = tmp_path_factory.mktemp("quickstart")
     eval_rows = (REPO / "recipes" / "data" / "booking-eval.jsonl").read_text().splitlines()[:4]
@@ -78,7 +78,7 @@ def quickstart_run(tmp_path_factory):
 
 
 def test_quickstart_trains_and_evaluates(quickstart_run, monkeypatch):
-    from tunesmith.evaluate.run import evaluate
+    from tunesmith.evaluation.run import evaluate
 
     config, result = quickstart_run
     run = Path(config.output_dir)
@@ -115,7 +115,7 @@ def test_quickstart_export_merged_matches_adapter(quickstart_run, tmp_path, prob
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunesmith.export import export
+    from tunesmith.exporting import export
     from tunesmith.models import load_model
 
     config, result = quickstart_run

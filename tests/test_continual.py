@@ -43,7 +43,7 @@ def _recipe(tmp: Path, model_dir, name: str, rows, held, prefix: str, **extra) -
 def tasks(tmp_path_factory, tiny_model_dir):
     from tunesmith.demo.booking import generate as booking
     from tunesmith.demo.shopping import generate as shopping
-    from tunesmith.train.run import train
+    from tunesmith.training.run import train
 
     tmp = tmp_path_factory.mktemp("continual")
     b_rows, b_held = booking(n_train=8, n_eval=2, seed=1)
@@ -101,7 +101,7 @@ def test_old_task_outputs_at_new_adapter_init(tasks, tokenizer, tiny_model_dir, 
 
 @pytest.mark.slow
 def test_progressive_run_folder_and_routing(tasks, tokenizer):
-    from tunesmith.evaluate.run import evaluate
+    from tunesmith.evaluation.run import evaluate
     from tunesmith.inference import load_for_inference
 
     run1, run2 = tasks["run1"], tasks["run2"]
@@ -136,7 +136,7 @@ def test_progressive_run_folder_and_routing(tasks, tokenizer):
 
 @pytest.mark.slow
 def test_task_prefixes_in_training_eval_and_auto_routing(tasks, tokenizer):
-    from tunesmith.evaluate.run import eval_conversations, evaluate
+    from tunesmith.evaluation.run import eval_conversations, evaluate
     from tunesmith.inference import load_for_inference
     from tunesmith.regularize.replay import prepare_training_data
 
@@ -215,7 +215,7 @@ def test_accuracy_matrix_from_scripted_answers(tasks, monkeypatch):
     By hand: R = [[1, 0], [0.5, 1]] (row i: after training task i; column j: task j), average accuracy
     (0.5 + 1) / 2 = 0.75, BWT = R[1][0] - R[0][0] = -0.5.
     """
-    from tunesmith.evaluate.forgetting import accuracy_matrix
+    from tunesmith.evaluation.forgetting import accuracy_matrix
 
     script_task_answers(tasks, monkeypatch)
     seq = accuracy_matrix([str(tasks["run1"]), str(tasks["run2"])], limit=2)
@@ -230,7 +230,7 @@ def test_sequence_accuracy_matrix(tasks, monkeypatch):
 
     By hand: R = [[1, 0], [1, 1]], average accuracy 1, BWT = R[1][0] - R[0][0] = 0.
     """
-    from tunesmith.evaluate.forgetting import forgetting_report
+    from tunesmith.evaluation.forgetting import forgetting_report
 
     script_task_answers(tasks, monkeypatch)
     report = forgetting_report(str(tasks["run2"]), limit=1, adapter="auto", progress=False)
@@ -243,7 +243,7 @@ def test_sequence_accuracy_matrix(tasks, monkeypatch):
 
 
 def test_o_lora_penalty_and_run(tasks):
-    from tunesmith.train.run import train
+    from tunesmith.training.run import train
 
     recipe = dict(tasks["task2"], continual={"previous": [str(tasks["run1"])], "strategy": "o-lora", "orthogonal_lambda": 2.0},
                   output_dir=str(tasks["tmp"] / "olora"))
@@ -264,7 +264,7 @@ def test_o_lora_penalty_and_run(tasks):
 
 def test_merge_strategy_run_loads(tasks, tokenizer):
     from tunesmith.inference import load_for_inference
-    from tunesmith.train.run import train
+    from tunesmith.training.run import train
 
     recipe = dict(tasks["task2"], continual={"previous": [str(tasks["run1"])], "strategy": "merge"},
                   output_dir=str(tasks["tmp"] / "merged"))

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
-from tunesmith.evaluate.scorers import contains, exact_match, json_match
+from tunesmith.evaluation.scorers import contains, exact_match, json_match
 
 from helpers import write_jsonl
 from oracle import read_rows, right_json, script_answers, wrong_json
@@ -96,7 +96,7 @@ def write_recipe(tmp: Path, model_dir: Path, output_dir: Path, name: str = "reci
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_model_dir):
     """(recipe path, run folder): trained 2 steps, then lora_B set to random values (a non-trivial adapter)."""
-    from tunesmith.train.run import train
+    from tunesmith.training.run import train
 
     tmp = tmp_path_factory.mktemp("eval-export")
     recipe = write_recipe(tmp, tiny_model_dir, tmp / "run")
@@ -147,7 +147,7 @@ def test_adapter_is_not_trivial(run, tiny_model_dir, probe_ids):
 
 def test_supervised_nll_equals_hand_computation(tiny_recipe, tiny_model_dir, tokenizer):
     from tunesmith.data.dataset import prepare_data
-    from tunesmith.evaluate.perplexity import supervised_nll
+    from tunesmith.evaluation.perplexity import supervised_nll
     from tunesmith.models import load_model
 
     config = load_config(tiny_recipe)
@@ -177,7 +177,7 @@ REPORT_KEYS = {"model", "examples", "scorer", "score", "eval_loss", "perplexity"
 
 
 def test_evaluate_run_dir_and_base_recipe(run, monkeypatch):
-    from tunesmith.evaluate.run import evaluate
+    from tunesmith.evaluation.run import evaluate
 
     recipe, run_dir = run
     rows = read_rows(recipe.parent / "eval.jsonl")
@@ -222,7 +222,7 @@ SCRIPTED = {
 def test_task_score_counts_scripted_answers(run, monkeypatch, scorer):
     """Rows 0 and 2 answered right, 1 and 3 wrong: score 0.5 and each sample holds its own prompt's answer and
     reference; every row right: 1.0."""
-    from tunesmith.evaluate.run import evaluate_loaded
+    from tunesmith.evaluation.run import evaluate_loaded
     from tunesmith.inference import load_for_inference
 
     recipe, run_dir = run
@@ -247,9 +247,7 @@ def test_task_score_counts_scripted_answers(run, monkeypatch, scorer):
 
 def test_json_match_with_a_reference_that_is_not_json(run, tmp_path, monkeypatch):
     """A data error, reported before any generation time is spent."""
-    import importlib
-
-    eval_run = importlib.import_module("tunesmith.evaluate.run")
+    from tunesmith.evaluation import run as eval_run
     recipe, run_dir = run
     rows = read_rows(recipe.parent / "eval.jsonl")
     write_jsonl(tmp_path / "eval.jsonl", [rows[0], {**rows[1], "output": "Ana, Lima, 2 guests"}])
@@ -264,7 +262,7 @@ def test_json_match_with_a_reference_that_is_not_json(run, tmp_path, monkeypatch
 
 
 def test_evaluate_untrained_recipe_without_base_fails(tmp_path, tiny_model_dir):
-    from tunesmith.evaluate.run import evaluate
+    from tunesmith.evaluation.run import evaluate
 
     recipe = write_recipe(tmp_path, tiny_model_dir, tmp_path / "never-trained")
     with pytest.raises(TunesmithError) as exc:
@@ -306,7 +304,7 @@ def test_generate_batch_left_padding_matches_alone(run, tokenizer):
 def test_export_merged_loads_alone_and_matches_adapter(run, tmp_path, tiny_model_dir, tokenizer, probe_ids):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunesmith.export import export
+    from tunesmith.exporting import export
 
     _, run_dir = run
     out = export(str(run_dir), str(tmp_path / "merged"), merge=True)
@@ -335,7 +333,7 @@ def test_export_merged_loads_alone_and_matches_adapter(run, tmp_path, tiny_model
 
 
 def test_export_refuses_non_empty_out(run, tmp_path):
-    from tunesmith.export import export
+    from tunesmith.exporting import export
 
     _, run_dir = run
     out = tmp_path / "taken"
@@ -348,7 +346,7 @@ def test_export_refuses_non_empty_out(run, tmp_path):
 
 
 def test_export_adapter_only(run, tmp_path, tiny_model_dir, probe_ids):
-    from tunesmith.export import export
+    from tunesmith.exporting import export
 
     _, run_dir = run
     out = export(str(run_dir), str(tmp_path / "adapter"), merge=False)
@@ -360,7 +358,7 @@ def test_export_adapter_only(run, tmp_path, tiny_model_dir, probe_ids):
 
 
 def test_export_requires_run_folder(tmp_path):
-    from tunesmith.export import export
+    from tunesmith.exporting import export
 
     with pytest.raises(TunesmithError, match="is not a trained run folder"):
         export(str(tmp_path), str(tmp_path / "out"))

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tunesmith.config import load_config
-from tunesmith.train.run import train
+from tunesmith.training.run import train
 
 from helpers import write_jsonl
 

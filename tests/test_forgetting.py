@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunesmith.config import load_config
-from tunesmith.evaluate.forgetting import (
+from tunesmith.evaluation.forgetting import (
     general_blocks,
     general_perplexity,
     general_text,
@@ -80,7 +80,7 @@ def test_sequence_metrics_by_hand():
 def perturbed_run(tmp_path_factory, tiny_model_dir):
     """A 2-step LoRA run on booking data whose lora_B weights are then randomised."""
     from tunesmith.demo.booking import generate
-    from tunesmith.train.run import train
+    from tunesmith.training.run import train
 
     tmp = tmp_path_factory.mktemp("forgetting")
     rows, held = generate(n_train=8, n_eval=2, seed=3)
@@ -105,8 +105,8 @@ def perturbed_run(tmp_path_factory, tiny_model_dir):
 
 @pytest.mark.slow
 def test_forgetting_report_base_vs_finetuned(perturbed_run, tiny_model_dir, tokenizer, tmp_path, monkeypatch):
-    from tunesmith.evaluate import general_questions as gq
-    from tunesmith.evaluate.forgetting import forgetting_report
+    from tunesmith.evaluation import general_questions as gq
+    from tunesmith.evaluation.forgetting import forgetting_report
     from tunesmith.models import load_model
 
     monkeypatch.setattr(gq, "tunesmith_home", lambda: tmp_path)
@@ -141,7 +141,7 @@ def test_forgetting_report_base_vs_finetuned(perturbed_run, tiny_model_dir, toke
 
 
 def test_base_answers_are_generated_once(tiny_model_dir, tokenizer, tmp_path, monkeypatch):
-    from tunesmith.evaluate import general_questions as gq
+    from tunesmith.evaluation import general_questions as gq
     from tunesmith.models import load_model
 
     monkeypatch.setattr(gq, "tunesmith_home", lambda: tmp_path)
@@ -157,7 +157,7 @@ def test_base_answers_are_generated_once(tiny_model_dir, tokenizer, tmp_path, mo
 
 
 def test_same_answer_share_by_hand():
-    from tunesmith.evaluate.general_questions import same_answer_share
+    from tunesmith.evaluation.general_questions import same_answer_share
 
     assert same_answer_share(["a", "b", "c", "d"], ["a", "x", "c", "y"]) == 0.5
 

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 from tunesmith.data.collate import PaddingCollator, PaddingFreeCollator
 from tunesmith.data.masking import IGNORE_INDEX
 from tunesmith.modeling import supports_selective_loss
-from tunesmith.train.loss import selective_cross_entropy
+from tunesmith.training.loss import selective_cross_entropy
 
 
 def reference_loss(hidden, weight, labels):
@@ -123,8 +123,8 @@ def test_packed_rows_never_learn_the_next_examples_start():
 
 def test_trainer_loss_equals_the_models_own_loss(tiny_recipe, tiny_model_dir):
     from tunesmith.config import load_config
-    from tunesmith.train.run import training_arguments
-    from tunesmith.train.trainer import MethodTrainer
+    from tunesmith.training.run import training_arguments
+    from tunesmith.training.trainer import MethodTrainer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert supports_selective_loss(model)

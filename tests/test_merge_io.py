@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunesmith.errors import TunesmithError
-from tunesmith.merge.io import (
+from tunesmith.merging.io import (
     INDEX_FILE,
     ModelWeights,
     PlannedTensor,

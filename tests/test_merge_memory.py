@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunesmith.merge.io import save_streaming
+from tunesmith.merging.io import save_streaming
 
 TENSORS = 25
 TENSOR_SHAPE = (1024, 1024)  # 4 MiB of float32
@@ -30,7 +30,7 @@ MODEL_BYTES = TENSORS * TENSOR_BYTES  # 100 MiB
 CHILD = textwrap.dedent("""
     import json, sys, threading, time
     import psutil, torch
-    from tunesmith.merge.run import merge
+    from tunesmith.merging.run import merge
 
     root = sys.argv[1]
     spec = json.loads(sys.argv[2])

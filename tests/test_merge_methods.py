@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from tunesmith.merge import methods as M
-from tunesmith.merge.run import layer_position, tensor_seed
+from tunesmith.merging import methods as M
+from tunesmith.merging.run import layer_position, tensor_seed
 
 
 def T(*values):

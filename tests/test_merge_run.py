@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 
 import tunesmith
 from tunesmith.errors import TunesmithError
-from tunesmith.merge.io import INDEX_FILE
-from tunesmith.merge.spec import load_merge_spec
+from tunesmith.merging.io import INDEX_FILE
+from tunesmith.merging.spec import load_merge_spec
 
 
 # ---- building inputs ------------------------------------------------------------------------------------
@@ -389,7 +389,7 @@ def test_spec_errors_write_nothing(zoo, tmp_path):
 
 
 def test_failure_midway_leaves_no_folder(zoo, tmp_path, monkeypatch):
-    from tunesmith.merge import run as run_module
+    from tunesmith.merging import run as run_module
 
     calls = {"n": 0}
     real = run_module.merge_tensor

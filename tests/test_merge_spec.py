@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from tunesmith.errors import TunesmithError
-from tunesmith.merge.spec import load_merge_spec, spec_to_yaml
+from tunesmith.merging.spec import load_merge_spec, spec_to_yaml
 
 
 def err(spec, overrides=None) -> str:
@@ -134,7 +134,7 @@ def test_relative_model_paths_resolve_against_the_spec_folder(tmp_path, monkeypa
 
 
 def test_one_valid_recipe_per_method():
-    from tunesmith.merge.spec import METHODS
+    from tunesmith.merging.spec import METHODS
 
     recipes = Path(__file__).resolve().parent.parent / "recipes"
     for method in METHODS:

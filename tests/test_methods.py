@@ -13,8 +13,8 @@ from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.inference import load_for_inference
 from tunesmith.methods import METHODS, prepare_model
-from tunesmith.train.neftune import NEFTune
-from tunesmith.train.run import train
+from tunesmith.training.neftune import NEFTune
+from tunesmith.training.run import train
 
 
 def cfg(tiny_recipe, **method):
@@ -96,8 +96,8 @@ def test_loraplus_gives_b_matrices_ratio_times_the_lr(tiny_recipe, tiny_model_di
     assert all("lora_B" in names[id(p)] for p in groups["lora_B"]["params"])
     assert all("lora_A" in names[id(p)] for p in groups["lora_A"]["params"])
 
-    from tunesmith.train.trainer import MethodTrainer
-    from tunesmith.train.run import training_arguments
+    from tunesmith.training.trainer import MethodTrainer
+    from tunesmith.training.run import training_arguments
 
     trainer = MethodTrainer(model=prepared.model, args=training_arguments(config, config.output_dir, False),
                             param_groups=prepared.param_groups)
@@ -200,8 +200,8 @@ def test_adalora_rank_budget_falls_on_schedule(tiny_recipe, tiny_model_dir):
     prepared = prepare_model(fresh(tiny_model_dir), config, total_steps=10)
     callback = prepared.callbacks[0]
     from tunesmith.data.collate import PaddingCollator
-    from tunesmith.train.run import ExampleDataset, training_arguments
-    from tunesmith.train.trainer import MethodTrainer
+    from tunesmith.training.run import ExampleDataset, training_arguments
+    from tunesmith.training.trainer import MethodTrainer
 
     data = prepare_data(config, tokenizer)
     trainer = MethodTrainer(model=prepared.model, args=training_arguments(config, config.output_dir, False),
@@ -242,8 +242,8 @@ def test_galore_keeps_optimizer_moments_in_the_projected_space(tiny_recipe, tiny
     from tunesmith.data.collate import PaddingCollator
     from tunesmith.data.dataset import prepare_data
     from tunesmith.models import load_tokenizer
-    from tunesmith.train.run import ExampleDataset, training_arguments
-    from tunesmith.train.trainer import MethodTrainer
+    from tunesmith.training.run import ExampleDataset, training_arguments
+    from tunesmith.training.trainer import MethodTrainer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     prepared = prepare_model(fresh(tiny_model_dir), config)

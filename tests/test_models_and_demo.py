@@ -9,7 +9,7 @@ import pytest
 
 from tunesmith import models
 from tunesmith.demo import booking
-from tunesmith.evaluate.scorers import json_match
+from tunesmith.evaluation.scorers import json_match
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,12 +102,17 @@ def test_shipped_demo_data_is_what_the_generator_writes(tmp_path):
 
 
 def test_api_functions_stay_functions_after_their_subpackages_are_imported():
-    import tunesmith
-    import tunesmith.evaluate.run  # noqa: F401
-    import tunesmith.train.run  # noqa: F401
-    from tunesmith.merge import run  # noqa: F401
+    import inspect
 
-    assert tunesmith.train is tunesmith.train.__globals__["train"]
-    assert tunesmith.train.__module__ == "tunesmith.train.run"
-    assert tunesmith.evaluate.__module__ == "tunesmith.evaluate.run"
-    assert callable(tunesmith.merge)
+    import tunesmith
+    import tunesmith.evaluation.run  # noqa: F401
+    import tunesmith.exporting  # noqa: F401
+    import tunesmith.merging.run  # noqa: F401
+    import tunesmith.planning.bill  # noqa: F401
+    import tunesmith.training.run  # noqa: F401
+
+    for name, module in [("train", "tunesmith.training.run"), ("evaluate", "tunesmith.evaluation.run"),
+                         ("merge", "tunesmith.merging.run"), ("plan", "tunesmith.planning"),
+                         ("export", "tunesmith.exporting")]:
+        fn = getattr(tunesmith, name)
+        assert inspect.isfunction(fn) and fn.__module__ == module, name

@@ -6,7 +6,6 @@ or failed command must leave it byte-identical, with no temporary, partial or em
 from __future__ import annotations
 
 import hashlib
-import importlib
 import shutil
 from pathlib import Path
 
@@ -14,16 +13,14 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from tunesmith import exporting as export_module
 from tunesmith.cli import app
 from tunesmith.config import load_config
-from tunesmith.train.run import train
+from tunesmith.merging import run as merge_module
+from tunesmith.training import run as train_module
+from tunesmith.training.run import train
 
 from helpers import write_jsonl
-
-# The modules, not the functions of the same names that `tunesmith` exports.
-export_module = importlib.import_module("tunesmith.export")
-merge_module = importlib.import_module("tunesmith.merge.run")
-train_module = importlib.import_module("tunesmith.train.run")
 
 TRAIN_FIX = "write to a folder that holds no inputs, such as runs/my-run"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tunesmith.data.collate import PACKED_KEYS, PaddingCollator, PaddingFreeCollator
-from tunesmith.train.attention import NAME, restore_attention, use_packed_attention
+from tunesmith.training.attention import NAME, restore_attention, use_packed_attention
 
 
 def _model(tiny_model_dir):

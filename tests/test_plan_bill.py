@@ -8,8 +8,8 @@ import pytest
 
 from tunesmith.config import MethodConfig
 from tunesmith.errors import TunesmithError
-from tunesmith.plan import auto_precision, load_spec, method_config, plan
-from tunesmith.plan.bill import (
+from tunesmith.planning import auto_precision, load_spec, method_config, plan
+from tunesmith.planning.bill import (
     GiB,
     MiB,
     Setup,
@@ -21,8 +21,8 @@ from tunesmith.plan.bill import (
     trainability,
     trainable_count,
 )
-from tunesmith.plan.configs import BUNDLED, recipe_model_ref
-from tunesmith.plan.spec import spec_from_config
+from tunesmith.planning.configs import BUNDLED, recipe_model_ref
+from tunesmith.planning.spec import spec_from_config
 
 # ---- small models of each family, and what autograd really saves ------------------------------
 

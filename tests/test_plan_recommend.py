@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from tunesmith.cli import app
 from tunesmith.config import load_config
-from tunesmith.plan.bill import GiB
-from tunesmith.plan.recommend import recommend
+from tunesmith.planning.bill import GiB
+from tunesmith.planning.recommend import recommend
 
 runner = CliRunner()
 
@@ -124,7 +124,7 @@ import json
 from tunesmith.quiet import quiet_libraries
 quiet_libraries()
 from tunesmith.config import load_config
-from tunesmith.plan.measure import measure
+from tunesmith.planning.measure import measure
 cfg = load_config({{"model": "smollm2-135m-instruct", "data": {{"train": "x"}}, "method": {{"name": "{method}"}},
                    "train": {{"bf16": False}}}})
 print(json.dumps(measure(cfg, seq_len=64, batch=1, steps=2).as_dict()))
@@ -156,7 +156,7 @@ print(json.dumps(json.loads(r.output)))
 def test_peak_rss_tracker_sees_a_short_lived_allocation():
     d = in_fresh_process("""
 import json, torch
-from tunesmith.plan.measure import PeakRSS, keep_rss_live, rss
+from tunesmith.planning.measure import PeakRSS, keep_rss_live, rss
 keep_rss_live()
 before = rss()
 tracker = PeakRSS()

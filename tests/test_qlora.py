@@ -88,7 +88,7 @@ def test_gradients_reach_every_adapter_also_after_generate(tiny_recipe, tiny_mod
 def test_loaded_qlora_run_never_repacks(tiny_recipe, tiny_model_dir, tokenizer, avx512bf16):
     """A trained QLoRA run loaded for eval or chat keeps the repacking off, also after generating."""
     from tunesmith.inference import generate_batch, load_for_inference
-    from tunesmith.train.run import train
+    from tunesmith.training.run import train
 
     config = qlora_config({**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 1}}, tiny_model_dir)
     run = train(config, progress=False).output_dir

@@ -18,8 +18,8 @@ from helpers import build_tiny_llama, write_jsonl
 
 import tunesmith
 from tunesmith.config import load_config
-from tunesmith.merge.spec import load_merge_spec
-from tunesmith.train.run import train
+from tunesmith.merging.spec import load_merge_spec
+from tunesmith.training.run import train
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 MERGE_RECIPES = sorted(p.name for p in RECIPES.glob("merge-*.yaml"))

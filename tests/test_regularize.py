@@ -66,7 +66,7 @@ def test_largest_remainder_and_interleave():
 
 
 def test_replay_general_exact_ratio(tmp_path, tiny_model_dir, tokenizer):
-    from tunesmith.evaluate.forgetting import general_text
+    from tunesmith.evaluation.forgetting import general_text
 
     config = load_config(_recipe(tmp_path, tiny_model_dir, _booking(28), regularize={"replay": {"ratio": 0.2}}))
     data = prepare_training_data(config, tokenizer)
@@ -181,7 +181,7 @@ def _lora_and_batch(tiny_model_dir, tokenizer, n=4):
 
 def _sft_and_hidden(model, inputs, normaliser=None):
     from tunesmith.modeling import causal_lm, decoder_body
-    from tunesmith.train.loss import selective_cross_entropy
+    from tunesmith.training.loss import selective_cross_entropy
 
     hidden = decoder_body(model)(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False).last_hidden_state
     head = causal_lm(model).get_output_embeddings().weight
@@ -333,8 +333,8 @@ def test_training_run_with_replay_distill_and_ewc(tmp_path, tiny_model_dir, monk
 
     from tunesmith.regularize.distill import DistillTerm
     from tunesmith.regularize.ewc import EWCTerm
-    from tunesmith.train.run import train
-    from tunesmith.train.trainer import MethodTrainer
+    from tunesmith.training.run import train
+    from tunesmith.training.trainer import MethodTrainer
 
     seen_batches, calls = [], {"distill": 0, "ewc": 0}
     original = MethodTrainer.compute_loss

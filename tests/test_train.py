@@ -18,7 +18,7 @@ from tunesmith.data.collate import PaddingCollator
 from tunesmith.data.dataset import prepare_data
 from tunesmith.data.masking import IGNORE_INDEX
 from tunesmith.errors import TunesmithError
-from tunesmith.train.run import train
+from tunesmith.training.run import train
 
 from helpers import write_jsonl
 
@@ -207,7 +207,7 @@ class Interrupted(Exception):
 
 def _interrupt_after_logging(monkeypatch, step: int) -> None:
     """Make the run stop right after `step` is written to metrics.jsonl, before any checkpoint of that step."""
-    from tunesmith.train.callbacks import MetricsFileCallback
+    from tunesmith.training.callbacks import MetricsFileCallback
 
     original = MetricsFileCallback.on_log
 
@@ -280,7 +280,7 @@ def test_metrics_rows_after_checkpoint_dropped_on_resume(tmp_path):
     later ones and a torn last line, and leaves no temporary file behind."""
     from types import SimpleNamespace
 
-    from tunesmith.train.callbacks import MetricsFileCallback, ProgressCallback
+    from tunesmith.training.callbacks import MetricsFileCallback, ProgressCallback
 
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 2, "eval_loss": 2.7},

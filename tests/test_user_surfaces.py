@@ -261,7 +261,7 @@ def test_qlora_export_merge_loads_plain_and_matches_the_qlora_model(tiny_recipe,
     from transformers import AutoModelForCausalLM
 
     from tunesmith.config import load_config
-    from tunesmith.train.run import train
+    from tunesmith.training.run import train
 
     recipe = {**tiny_recipe, "method": {"name": "qlora", "r": 4, "alpha": 8, "dropout": 0.0},
               "train": {**tiny_recipe["train"], "max_steps": 1, "save_steps": 100, "eval_each_epoch": False}}

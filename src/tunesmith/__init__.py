@@ -10,8 +10,6 @@ The CLI is a thin layer over these functions, so a notebook can call them direct
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 
 __version__ = "0.1.0"
 
@@ -19,10 +17,10 @@ _EXPORTS = {
     "load_config": ".config",
     "RunConfig": ".config",
     "TunesmithError": ".errors",
-    "train": ".train.run",
-    "evaluate": ".evaluate.run",
-    "export": ".export",
-    "merge": ".merge.run",
+    "train": ".training.run",
+    "evaluate": ".evaluation.run",
+    "export": ".exporting",
+    "merge": ".merging.run",
     "ChatSession": ".chat",
     "load_for_inference": ".inference",
     "load_model": ".models",
@@ -30,26 +28,9 @@ _EXPORTS = {
     "inspect_examples": ".data.report",
     "data_stats": ".data.report",
     "check_data": ".data.report",
-    "plan": ".plan",
+    "plan": ".planning",
 }
 __all__ = sorted(_EXPORTS)
-
-
-class _Package(types.ModuleType):
-    """Importing the subpackage `tunesmith.train` must not replace the function `tunesmith.train`.
-
-    Python binds a subpackage as an attribute of its parent when it is first imported; for the API
-    names that are also subpackage names (train, evaluate, merge) we keep the attribute lookup going
-    through `__getattr__`, which returns the function.
-    """
-
-    def __setattr__(self, name, value):
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):

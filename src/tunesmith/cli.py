@@ -249,7 +249,7 @@ def train(
     as_json: bool = JsonOption,
 ):
     """Fine-tune a model as the recipe says; writes the adapter, metrics and a summary to output_dir."""
-    from .train.run import train as run_train
+    from .training.run import train as run_train
 
     overrides = list(set_ or [])
     if max_steps is not None:
@@ -291,10 +291,10 @@ def eval_cmd(
     as_json: bool = JsonOption,
 ):
     """Eval loss, perplexity and the task score by greedy generation."""
-    from .evaluate.run import evaluate
+    from .evaluation.run import evaluate
 
     if forgetting:
-        from .evaluate.forgetting import forgetting_report
+        from .evaluation.forgetting import forgetting_report
 
         if base:
             _fail(TunesmithError("--forgetting already compares the base with the fine-tuned model; drop --base"))
@@ -391,7 +391,7 @@ def export(
     overwrite: bool = typer.Option(False, help="Replace a non-empty --out folder."),
 ):
     """Write a plain Hugging Face model folder (merged) or a copy of the adapter."""
-    from .export import export as run_export
+    from .exporting import export as run_export
 
     path = _run(lambda: run_export(run_dir, out_dir, merge=merge, overwrite=overwrite))
     what = "merged model" if merge else "adapter"
@@ -410,8 +410,8 @@ def merge_cmd(
     """Merge models and adapters (linear, slerp, task_arithmetic, ties, dare_linear, dare_ties) into one folder."""
     import time
 
-    from .merge.run import merge as run_merge
-    from .merge.spec import load_merge_spec
+    from .merging.run import merge as run_merge
+    from .merging.spec import load_merge_spec
 
     start = time.perf_counter()
     path = _run(lambda: run_merge(load_merge_spec(spec, set_ or []), out_dir, overwrite=overwrite, spec_file=spec))
@@ -421,8 +421,8 @@ def merge_cmd(
 
 # ---- plan -------------------------------------------------------------------------------------
 def _train_dry_run(recipe: str, overrides: List[str], as_json: bool) -> None:
-    from .plan.measure import dry_run
-    from .plan.render import print_bill, print_measurement
+    from .planning.measure import dry_run
+    from .planning.render import print_bill, print_measurement
 
     result = _run(lambda: dry_run(_config(recipe, overrides)))
     m = result["measurement"]
@@ -465,12 +465,12 @@ def plan(
     as_json: bool = JsonOption,
 ):
     """The memory bill of a training setup, or (with --budget and no --method) the recipe that fits."""
-    from .plan import auto_device, auto_precision, plan as make_plan
-    from .plan.render import print_bill, print_measurement, print_recommendation
+    from .planning import auto_device, auto_precision, plan as make_plan
+    from .planning.render import print_bill, print_measurement, print_recommendation
 
     target_list = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
     if method is None and budget is not None:
-        from .plan.recommend import recommend
+        from .planning.recommend import recommend
 
         dev = auto_device() if device == "auto" else device
         prec = auto_precision(dev) if precision == "auto" else precision
@@ -486,8 +486,8 @@ def plan(
         print_bill(out, bill, explain=explain)
     if measure:
         from .config import load_config
-        from .plan.measure import measure as run_measure
-        from .plan import method_config
+        from .planning.measure import measure as run_measure
+        from .planning import method_config
 
         def go():
             cfg = load_config({"model": model, "data": {"train": "(synthetic)"},

@@ -380,7 +380,7 @@ def adapters_for_task(loaded, task_run: str | Path):
 
 def evaluate_routed(loaded, config: RunConfig, adapter: str, limit: int | None = None, progress: bool = True) -> dict:
     """evaluate_loaded with `--adapter NAME` (one task's adapters for every example) or `auto` (by task prefix)."""
-    from .evaluate.run import eval_conversations, evaluate_loaded
+    from .evaluation.run import eval_conversations, evaluate_loaded
 
     routes = task_routes(loaded)
     if adapter != "auto":

@@ -10,10 +10,10 @@ from rich.markup import escape
 
 from ..config import load_config
 from ..errors import TunesmithError
-from ..evaluate.run import evaluate
+from ..evaluation.run import evaluate
 from ..quiet import quiet_libraries
 from ..models import DEFAULT_MODEL, is_builtin_cached, pull_builtin
-from ..train.run import TrainResult, train
+from ..training.run import TrainResult, train
 
 MARKER = ".tunesmith-demo"
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ..evaluate.scorers import exact_match
+from ..evaluation.scorers import exact_match
 from .files import unique_splits, write_task
 
 INSTRUCTION = "Write the shopping list, one `item: quantity` line per item, in the order mentioned."

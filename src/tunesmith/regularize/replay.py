@@ -75,7 +75,7 @@ def interleave(streams: list[list]) -> list:
 
 def general_chunks(tokenizer, chunk_tokens: int) -> list[TokenizedExample]:
     """Consecutive chunks of the general corpus's train part, every token supervised."""
-    from ..evaluate.forgetting import general_token_ids
+    from ..evaluation.forgetting import general_token_ids
 
     ids = general_token_ids(tokenizer, "train")
     chunks = []

@@ -8,21 +8,7 @@ safetensors reader and sharded writer, `sources` full-model and adapter inputs, 
 """
 from __future__ import annotations
 
-import sys
-import types
-
 from .run import MergePlan, merge, plan_merge
 from .spec import MergeSpec, load_merge_spec
 
 __all__ = ["MergePlan", "MergeSpec", "load_merge_spec", "merge", "plan_merge"]
-
-
-class _CallableModule(types.ModuleType):
-    """Importing `tunesmith.merge.*` makes the attribute `tunesmith.merge` this package rather than the
-    function; calling the package calls the function, so `tunesmith.merge(spec, out)` always works."""
-
-    def __call__(self, *args, **kwargs):
-        return merge(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

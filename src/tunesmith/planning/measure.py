@@ -171,7 +171,7 @@ def _preimport(config: RunConfig) -> None:
     import transformers  # noqa: F401
     from transformers import Trainer, TrainingArguments  # noqa: F401
 
-    from ..train.trainer import MethodTrainer  # noqa: F401
+    from ..training.trainer import MethodTrainer  # noqa: F401
 
     name = config.method.name
     if name in ("lora", "dora", "qlora", "vera", "adalora", "loraplus"):
@@ -235,8 +235,8 @@ def measure(
     from ..data.collate import PaddingCollator, PaddingFreeCollator
     from ..methods import load_kwargs, prepare_model
     from ..models import load_model
-    from ..train.run import ExampleDataset, training_arguments, use_fast_path, use_selective_loss
-    from ..train.trainer import MethodTrainer
+    from ..training.run import ExampleDataset, training_arguments, use_fast_path, use_selective_loss
+    from ..training.trainer import MethodTrainer
 
     cuda = torch.cuda.is_available()
     notes: list[str] = []

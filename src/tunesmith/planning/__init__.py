@@ -9,8 +9,6 @@ Nothing here loads weights or imports torch, except `measure`.
 """
 from __future__ import annotations
 
-import sys
-import types
 from pathlib import Path
 from typing import Optional, Union
 
@@ -80,7 +78,7 @@ def plan(
     budget=None,
     **method_options,
 ) -> Bill:
-    """The memory bill of one training setup (see tunesmith.plan.bill for every line's formula)."""
+    """The memory bill of one training setup (see tunesmith.planning.bill for every line's formula)."""
     dev = auto_device() if device == "auto" else device
     prec = auto_precision(dev) if precision == "auto" else precision
     if prec not in PRECISIONS:
@@ -90,13 +88,3 @@ def plan(
                   optimizer="galore" if m.name == "galore" else optimizer, devices=devices, zero=zero, loss=loss,
                   layout=layout, device=dev)
     return compute_bill(model, m, setup, budget=budget)
-
-
-class _CallableModule(types.ModuleType):
-    """`tunesmith.plan(...)` works whether `tunesmith.plan` resolves to this package or to `plan`."""
-
-    def __call__(self, *args, **kwargs) -> Bill:
-        return plan(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -82,7 +82,7 @@ def prefixed_copy(src: Path, dst: Path, prefix: str) -> Path:
 
 def sequence(args, log) -> dict:
     from tunesmith.config import load_config
-    from tunesmith.continual import adapters_for_task
+    from tunesmith.routing import adapters_for_task
     from tunesmith.demo import shopping
     from tunesmith.evaluation.forgetting import sequence_metrics
     from tunesmith.evaluation.run import evaluate_loaded

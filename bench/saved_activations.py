@@ -29,7 +29,7 @@ def saved_bytes(model, ids: torch.Tensor) -> int:
 
 def main() -> None:
     from tunesmith.config import load_config
-    from tunesmith.data.dataset import prepare_data
+    from tunesmith.data.assemble import prepare_data
     from tunesmith.methods import load_kwargs, prepare_model
     from tunesmith.methods.fused_lora import use_fused_lora
     from tunesmith.models import load_model, load_tokenizer

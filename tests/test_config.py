@@ -66,6 +66,13 @@ def test_dict_source_is_not_mutated_by_overrides():
     assert source == {"data": {"train": "x.jsonl"}}
 
 
+def test_nested_set_does_not_change_the_callers_dict():
+    source = {"data": {"train": "x.jsonl"}, "train": {"lr": 0.1}}
+    config = load_config(source, ["data.max_length=64", "train.lr=0.5"])
+    assert config.data.max_length == 64 and config.train.lr == 0.5
+    assert source == {"data": {"train": "x.jsonl"}, "train": {"lr": 0.1}}
+
+
 def test_list_of_train_files_is_accepted():
     config = load_config({"data": {"train": ["a.jsonl", "b.jsonl"]}})
     assert config.data.train == ["a.jsonl", "b.jsonl"]
@@ -260,6 +267,12 @@ def test_section_given_as_a_value_is_reported():
         load_config({"data": {"train": "x.jsonl"}, "train": "abc"})
 
 
+def test_mapping_where_a_value_belongs_names_the_key():
+    with pytest.raises(TunesmithError) as info:
+        load_config({"data": {"train": "x.jsonl"}, "model": {"name": "x"}})
+    assert str(info.value) == "config: model = {'name': 'x'} is invalid: Input should be a valid string"
+
+
 def test_fractional_warmup_steps_are_rejected():
     with pytest.raises(TunesmithError, match=r"train\.warmup = 2\.5 is invalid: .*must be whole"):
         load_config({"data": {"train": "x.jsonl"}, "train": {"warmup": 2.5}})
@@ -304,6 +317,25 @@ def test_invalid_yaml(tmp_path):
     recipe = write(tmp_path / "bad.yaml", "data:\n  train: [unclosed\n")
     with pytest.raises(TunesmithError, match=re.escape(f"{recipe}: not valid YAML")):
         load_config(recipe)
+
+
+def test_invalid_yaml_is_one_line_that_says_where(tmp_path):
+    recipe = write(tmp_path / "bad.yaml", "data:\n  train: [unclosed\n")
+    with pytest.raises(TunesmithError) as info:
+        load_config(recipe)
+    # the `[` is the 10th character of line 2; the file ends at line 3, column 1
+    assert str(info.value) == (
+        f"{recipe}: not valid YAML: expected ',' or ']', but got '<stream end>' at line 3, column 1 "
+        "(while parsing a flow sequence started at line 2, column 10)"
+    )
+
+
+def test_recipe_that_is_not_utf8_is_reported(tmp_path):
+    recipe = tmp_path / "latin1.yaml"
+    recipe.write_bytes("model: caf\u00e9\n".encode("latin-1"))  # é is byte 10 (0-based), invalid alone in UTF-8
+    with pytest.raises(TunesmithError) as info:
+        load_config(recipe)
+    assert str(info.value) == f"{recipe}: not UTF-8 text (byte 10 cannot be read); save it as UTF-8"
 
 
 def test_yaml_top_level_must_be_a_mapping(tmp_path):

@@ -14,9 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunesmith import continual
+from tunesmith.chat import make_chat_session
 from tunesmith.config import load_config
 from tunesmith.errors import TunesmithError
+from tunesmith.evaluation.run import evaluate_routed
+from tunesmith.methods.adapter_stack import attach_previous, merge_previous_into_base, previous_adapters, using_adapters
+from tunesmith.regularize.orthogonality import OrthogonalityTerm
+from tunesmith.routing import first_user_text, task_routes
 
 from helpers import write_jsonl
 from oracle import read_rows, script_answers
@@ -74,9 +78,9 @@ def _train_time_model(config):
     from tunesmith.methods import prepare_model
     from tunesmith.models import load_model
 
-    model = continual.merge_previous_into_base(load_model(config.model), config)
+    model = merge_previous_into_base(load_model(config.model), config)
     prepared = prepare_model(model, config)
-    continual.attach_previous(prepared, config)
+    attach_previous(prepared, config)
     return prepared.model.eval()
 
 
@@ -117,17 +121,17 @@ def test_progressive_run_folder_and_routing(tasks, tokenizer):
     loaded = load_for_inference(str(run2))
     assert sorted(loaded.model.base_model.active_adapters) == ["default", "task1"]
     ids = _batch(tokenizer)
-    routes = {r.name: r for r in continual.task_routes(loaded)}
+    routes = {r.name: r for r in task_routes(loaded)}
     assert routes["task1"].stack == ["task1"] and routes["task2"].stack == ["task1", "default"]
     # --adapter task1 serves task 1 exactly as its own run does: no forgetting through routing.
     old = _logits(load_for_inference(str(run1)).model, ids)
-    with continual.using_adapters(loaded, routes["task1"].stack):
+    with using_adapters(loaded.model, routes["task1"].stack):
         torch.testing.assert_close(_logits(loaded.model, ids), old, atol=1e-5, rtol=1e-5)
     assert sorted(loaded.model.base_model.active_adapters) == ["default", "task1"]  # restored
     assert (_logits(loaded.model, ids) - old).abs().max() > 1e-4  # both adapters: task 2 moved the model
 
     # Task 1's eval data through task 2's model with --adapter task1: the same eval loss as task 1's own run.
-    routed = continual.evaluate_routed(loaded, load_config(run1 / "config.yaml"), "task1", limit=2, progress=False)
+    routed = evaluate_routed(loaded, load_config(run1 / "config.yaml"), "task1", limit=2, progress=False)
     alone = evaluate(str(run1), limit=2, progress=False)
     assert routed["adapter"] == "task1" and routed["eval_loss"] == pytest.approx(alone["eval_loss"], abs=1e-5)
     with pytest.raises(TunesmithError, match="unknown adapter; this run has task1, task2"):
@@ -136,22 +140,20 @@ def test_progressive_run_folder_and_routing(tasks, tokenizer):
 
 @pytest.mark.slow
 def test_task_prefixes_in_training_eval_and_auto_routing(tasks, tokenizer):
-    from tunesmith.evaluation.run import eval_conversations, evaluate
+    from tunesmith.data.assemble import eval_conversations, prepare_data
+    from tunesmith.evaluation.run import evaluate
     from tunesmith.inference import load_for_inference
-    from tunesmith.regularize.replay import prepare_training_data
 
     config = load_config(tasks["task2"])
-    data = prepare_training_data(config, tokenizer)
+    data = prepare_data(config, tokenizer)
     for ex in data.train + data.eval:
         first_user = next(m for m in ex.conversation if m["role"] == "user")
         assert first_user["content"].startswith("[Shopping] Write the shopping list")
-    assert all(continual.first_user_text(c).startswith("[Shopping] ") for c, _ in eval_conversations(config))
+    assert all(first_user_text(c).startswith("[Shopping] ") for c, _ in eval_conversations(config))
 
     report = evaluate(str(tasks["run2"]), progress=False, adapter="auto")
     assert report["routing"] == {"task2": 2}
     # Task 1's eval data through task 2's model, routed by prefix: task 1's adapter alone.
-    from tunesmith.continual import evaluate_routed
-
     loaded = load_for_inference(str(tasks["run2"]))
     cfg1 = load_config(tasks["run1"] / "config.yaml")
     auto = evaluate_routed(loaded, cfg1, "auto", progress=False)
@@ -163,17 +165,17 @@ def test_chat_applies_prefix_and_routes(tasks):
     from tunesmith.inference import load_for_inference
 
     loaded = load_for_inference(str(tasks["run2"]))
-    fixed = continual.make_chat_session(loaded, "task1", max_new_tokens=2)
+    fixed = make_chat_session(loaded, "task1", max_new_tokens=2)
     assert fixed._route_turn("Ana, 2 guests, Lima") == "[Booking] Ana, 2 guests, Lima"  # its task's prefix
     assert list(loaded.model.base_model.active_adapters) == ["task1"]
-    auto = continual.make_chat_session(loaded, "auto", max_new_tokens=2)
+    auto = make_chat_session(loaded, "auto", max_new_tokens=2)
     assert auto._route_turn("[Shopping] two lemons") == "[Shopping] two lemons"
     assert sorted(loaded.model.base_model.active_adapters) == ["default", "task1"]
-    plain = continual.make_chat_session(loaded, None, max_new_tokens=2)  # the run's own task, its prefix
+    plain = make_chat_session(loaded, None, max_new_tokens=2)  # the run's own task, its prefix
     answer = plain.reply("three eggs")
     assert plain.history[0]["content"] == "[Shopping] three eggs" and isinstance(answer, str)
     with pytest.raises(TunesmithError, match="unknown adapter"):
-        continual.make_chat_session(loaded, "task9")
+        make_chat_session(loaded, "task9")
 
 
 LORA_B = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -248,7 +250,7 @@ def test_o_lora_penalty_and_run(tasks):
     recipe = dict(tasks["task2"], continual={"previous": [str(tasks["run1"])], "strategy": "o-lora", "orthogonal_lambda": 2.0},
                   output_dir=str(tasks["tmp"] / "olora"))
     model = _train_time_model(load_config(recipe))
-    term = continual.OrthogonalityTerm(model, 2.0)
+    term = OrthogonalityTerm(model, 2.0)
     want = 0.0
     for module in model.modules():
         a = getattr(module, "lora_A", None)
@@ -280,10 +282,10 @@ def test_continual_errors(tasks, tmp_path, tiny_model_dir):
     with pytest.raises(TunesmithError, match="continual.previous needs method.name lora or loraplus"):
         load_config(dict(base, method={"name": "full"}, continual={"previous": [str(tasks["run1"])]}))
     with pytest.raises(TunesmithError, match="not a tunesmith run folder"):
-        continual.previous_adapters(load_config(dict(base, continual={"previous": [str(tmp_path)]})))
+        previous_adapters(load_config(dict(base, continual={"previous": [str(tmp_path)]})))
     other = dict(base, model=str(tmp_path / "other-model"), continual={"previous": [str(tasks["run1"])]})
     with pytest.raises(TunesmithError, match="adapters only apply to the base they were trained on"):
-        continual.previous_adapters(load_config(other))
+        previous_adapters(load_config(other))
     with pytest.raises(TunesmithError, match="must be one of"):
         load_config(dict(base, continual={"previous": [str(tasks["run1"])], "strategy": "ewc"}))
 

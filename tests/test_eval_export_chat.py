@@ -146,7 +146,7 @@ def test_adapter_is_not_trivial(run, tiny_model_dir, probe_ids):
 
 
 def test_supervised_nll_equals_hand_computation(tiny_recipe, tiny_model_dir, tokenizer):
-    from tunesmith.data.dataset import prepare_data
+    from tunesmith.data.assemble import prepare_data
     from tunesmith.evaluation.perplexity import supervised_nll
     from tunesmith.models import load_model
 

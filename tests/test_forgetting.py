@@ -14,13 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tunesmith.config import load_config
-from tunesmith.evaluation.forgetting import (
-    general_blocks,
-    general_perplexity,
-    general_text,
-    general_topics,
-    sequence_metrics,
-)
+from tunesmith.data.general import general_blocks, general_text, general_topics
+from tunesmith.evaluation.forgetting import general_perplexity, sequence_metrics
 
 from helpers import write_jsonl
 from oracle import read_rows, right_json, script_answers, wrong_json

@@ -68,7 +68,7 @@ def test_fused_peft_model_equals_peft(tiny_model_dir):
     results = []
     for fused in (False, True):
         model = _peft_model(tiny_model_dir, dropout=0.0)
-        layers = use_fused_lora(model) if fused else 0
+        layers = use_fused_lora(model).layers if fused else 0
         model.train()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -120,4 +120,62 @@ def test_fused_branch_keeps_fewer_activations_with_dropout(tiny_model_dir):
 
 
 def test_dora_layers_keep_peft_forward(tiny_model_dir):
-    assert use_fused_lora(_peft_model(tiny_model_dir, dropout=0.0, dora=True)) == 0
+    assert use_fused_lora(_peft_model(tiny_model_dir, dropout=0.0, dora=True)).layers == 0
+
+
+def _lora_layers(model) -> list:
+    from peft.tuners.lora.layer import Linear
+
+    return [m for m in model.modules() if isinstance(m, Linear)]
+
+
+def test_leaving_the_context_gives_back_pefts_own_forward(tiny_model_dir):
+    """After the block no layer keeps an instance `forward`, and a training forward with dropout (where the
+    fused branch would draw other masks) equals that of a model that was never fused, bit for bit."""
+    from peft.tuners.lora.layer import Linear
+
+    ids = torch.randint(0, 1000, (2, 9))
+    model = _peft_model(tiny_model_dir, dropout=0.1).train()
+    with use_fused_lora(model) as fused:
+        assert fused.layers == 2 * 7
+        assert all("forward" in layer.__dict__ for layer in _lora_layers(model))
+        model(input_ids=ids).logits.sum().backward()
+    for layer in _lora_layers(model):
+        assert "forward" not in layer.__dict__
+        assert type(layer).forward is Linear.forward and layer.forward.__func__ is Linear.forward
+    never_fused = _peft_model(tiny_model_dir, dropout=0.1).train()
+    torch.manual_seed(3)
+    after = model(input_ids=ids).logits
+    torch.manual_seed(3)
+    peft_only = never_fused(input_ids=ids).logits
+    assert torch.equal(after, peft_only)
+
+
+def test_lora_bias_is_refused_before_any_layer_is_swapped(tiny_model_dir):
+    from tunesmith.errors import TunesmithError
+
+    model = _peft_model(tiny_model_dir, dropout=0.0)
+    _lora_layers(model)[-1].lora_bias["default"] = True  # one layer with a bias, found after the others
+    with pytest.raises(TunesmithError, match="does not support LoRA bias"):
+        use_fused_lora(model)
+    assert not any("forward" in layer.__dict__ for layer in _lora_layers(model))
+
+
+def test_fast_path_undo_restores_pefts_forward_and_the_attention(tiny_recipe):
+    """training.run.use_fast_path installs both switches; its one undo takes both back."""
+    from tunesmith.config import load_config
+    from tunesmith.methods import prepare_model
+    from tunesmith.modeling import causal_lm
+    from tunesmith.models import load_model
+    from tunesmith.training.run import use_fast_path
+
+    config = load_config(tiny_recipe)
+    prepared = prepare_model(load_model(config.model), config, total_steps=1)
+    attention = lambda: causal_lm(prepared.model).config._attn_implementation  # noqa: E731
+    assert attention() == "sdpa"
+    undo = use_fast_path(prepared, config)
+    assert attention() != "sdpa"
+    assert all("forward" in layer.__dict__ for layer in _lora_layers(prepared.model))
+    undo()
+    assert attention() == "sdpa"
+    assert not any("forward" in layer.__dict__ for layer in _lora_layers(prepared.model))

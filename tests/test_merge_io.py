@@ -15,7 +15,6 @@ from tunesmith.merging.io import (
     PlannedTensor,
     SafetensorsFile,
     ShardedWriter,
-    parse_size,
     plan_shards,
     save_streaming,
 )
@@ -92,14 +91,15 @@ def test_writer_refuses_tensors_out_of_plan(tmp_path):
         w.close()
 
 
-def test_parse_size():
-    assert parse_size("5GB") == 5 * 10**9
-    assert parse_size("500MB") == 500 * 10**6
-    assert parse_size("1GiB") == 2**30
-    assert parse_size("64 KiB") == 64 * 1024
-    assert parse_size(1234) == 1234 and parse_size("1234") == 1234
+def test_max_shard_size_counts_kb_in_thousands_and_kib_in_1024s(tmp_path):
+    """tunesmith.sizes' convention at the writer: three 340-byte tensors (1020 bytes) fit one KiB, not one KB."""
+    tensors = {f"t{i}": torch.zeros(85) for i in range(3)}
+    assert save_streaming(tmp_path / "kib", tensors, max_shard_size="1KiB") == ["model.safetensors"]
+    assert len(save_streaming(tmp_path / "kb", tensors, max_shard_size="1KB")) == 2
+    assert save_streaming(tmp_path / "bytes", tensors, max_shard_size=1020) == ["model.safetensors"]
+    assert len(save_streaming(tmp_path / "fewer", tensors, max_shard_size="1019")) == 2  # no unit: bytes
     with pytest.raises(ValueError, match="not a size"):
-        parse_size("big")
+        save_streaming(tmp_path / "bad", tensors, max_shard_size="big")
 
 
 def test_model_folder_without_safetensors_is_refused_without_unpickling(tmp_path):

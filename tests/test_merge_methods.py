@@ -121,8 +121,20 @@ def test_magnitude_trim_keeps_top_share():
     assert close(M.magnitude_trim(d, 0.5), [0.0, -3.0, 2.0, 0.0])
     assert close(M.magnitude_trim(d, 0.25), [0.0, -3.0, 0.0, 0.0])
     assert close(M.magnitude_trim(d, 1.0), d)
-    assert close(M.magnitude_trim(d, 0.1), [0.0, 0.0, 0.0, 0.0])  # round(0.4) = 0 entries
-    assert M.keep_count(5, 0.5) == 3 and M.keep_count(4, 0.5) == 2 and M.keep_count(10, 0.26) == 3
+    assert close(M.magnitude_trim(d, 0.1), [0.0, 0.0, 0.0, 0.0])  # int(0.4) = 0 entries
+
+
+def test_trim_keeps_mergekits_count_rounded_down():
+    """mergekit's sparsify.magnitude keeps int(density * n) entries; round() would keep one more here."""
+    d = T(0.5, -4.0, 1.0, 3.0, -0.2)
+    assert close(M.magnitude_trim(d, 0.3), [0.0, -4.0, 0.0, 0.0, 0.0])  # 0.3 * 5 = 1.5 -> 1 entry, not 2
+    assert close(M.magnitude_trim(d, 0.7), [0.0, -4.0, 1.0, 3.0, 0.0])  # 3.5 -> 3 entries, not 4
+    assert M.keep_count(5, 0.5) == 2 and M.keep_count(10, 0.26) == 2
+    assert M.keep_count(100, 0.29) == 28  # 0.29 * 100 is 28.999999999999996 in floats; int() gives 28, as mergekit
+    # a whole TIES merge: d keeps -4 (entry 1), d2 keeps -3 (entry 2); no entry has two votes, so each
+    # agreeing entry is its own mean: base + 0.5 * [0, -4, -3, 0, 0]
+    base, d2 = T(1.0, 1.0, 1.0, 1.0, 1.0), T(2.0, 1.0, -3.0, 0.1, 0.3)
+    assert close(M.ties(base, [d, d2], [1.0, 1.0], 0.3, lambda_=0.5), [1.0, -1.0, -0.5, 1.0, 1.0])
 
 
 def test_magnitude_trim_keeps_all_entries_tied_with_the_last_kept():

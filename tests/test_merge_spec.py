@@ -106,7 +106,8 @@ def test_yaml_file_errors(tmp_path):
     assert "does not exist" in err(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("method: [linear\n")
-    assert "not valid YAML" in err(bad)
+    assert err(bad) == (f"{bad}: not valid YAML: expected ',' or ']', but got '<stream end>' at line 2, column 1 "
+                        "(while parsing a flow sequence started at line 1, column 9)")
     bad.write_text("- a\n- b\n")
     assert "top level must be a mapping" in err(bad)
 
@@ -119,6 +120,18 @@ def test_overrides_reach_nested_and_list_keys():
     assert s.t == [0, 0.5, 1]
     assert "not an index" in err(raw, ["models.5.weight=1"])
     assert "expected KEY=VALUE" in err(raw, ["lambda"])
+
+
+def test_overrides_do_not_change_the_callers_dict():
+    raw = {"method": "ties", "base_model": "b", "models": ["m1", {"model": "m2"}]}
+    s = load_merge_spec(raw, ["models.0.weight=0.25", "models.1.density=0.1"])
+    assert s.weights() == [0.25, 1.0] and s.densities() == [0.5, 0.1]
+    assert raw == {"method": "ties", "base_model": "b", "models": ["m1", {"model": "m2"}]}
+
+
+def test_override_through_a_plain_value_is_refused():
+    raw = {"method": "ties", "base_model": "b", "models": ["m1"], "density": 0.5}
+    assert err(raw, ["density.x=1"]) == "--set density.x=1: 'density' is a value, not a section"
 
 
 def test_relative_model_paths_resolve_against_the_spec_folder(tmp_path, monkeypatch):

@@ -193,7 +193,7 @@ def test_adalora_rank_budget_falls_on_schedule(tiny_recipe, tiny_model_dir):
     recipe["train"] = {**recipe["train"], "max_steps": 10}
     recipe["method"] = {"name": "adalora", "init_r": 6, "target_r": 2, "tinit": 2, "tfinal": 2, "delta_t": 1}
     config = load_config(recipe)
-    from tunesmith.data.dataset import prepare_data
+    from tunesmith.data.assemble import prepare_data
     from tunesmith.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
@@ -240,7 +240,7 @@ def test_galore_keeps_optimizer_moments_in_the_projected_space(tiny_recipe, tiny
     recipe["train"] = {**recipe["train"], "max_steps": 3}
     config = load_config(recipe)
     from tunesmith.data.collate import PaddingCollator
-    from tunesmith.data.dataset import prepare_data
+    from tunesmith.data.assemble import prepare_data
     from tunesmith.models import load_tokenizer
     from tunesmith.training.run import ExampleDataset, training_arguments
     from tunesmith.training.trainer import MethodTrainer

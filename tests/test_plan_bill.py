@@ -9,18 +9,12 @@ import pytest
 from tunesmith.config import MethodConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.planning import auto_precision, load_spec, method_config, plan
-from tunesmith.planning.bill import (
-    GiB,
-    MiB,
-    Setup,
-    _nf4_bytes,
-    activations,
-    compute_bill,
-    lora_count,
-    parse_size,
-    trainability,
-    trainable_count,
-)
+from tunesmith.planning.activations import activations
+from tunesmith.planning.bill import compute_bill
+from tunesmith.planning.lines import nf4_bytes
+from tunesmith.planning.setup import Setup
+from tunesmith.planning.trainable import lora_count, trainability, trainable_count
+from tunesmith.sizes import GiB, parse_size
 from tunesmith.planning.configs import BUNDLED, recipe_model_ref
 from tunesmith.planning.spec import spec_from_config
 
@@ -306,14 +300,14 @@ def test_grad_accumulation_keeps_gradients_during_forward():
 def test_nf4_double_quant_bytes():
     n = 576 * 576
     blocks = n // 64
-    assert _nf4_bytes(n, True) == n // 2 + blocks + math.ceil(blocks / 256) * 4 + 4 + 1024 + 64
-    assert _nf4_bytes(n, False) == n // 2 + blocks * 4 + 64
+    assert nf4_bytes(n, True) == n // 2 + blocks + math.ceil(blocks / 256) * 4 + 4 + 1024 + 64
+    assert nf4_bytes(n, False) == n // 2 + blocks * 4 + 64
     b = compute_bill(SMOL, MethodConfig(name="qlora", r=16), fp32(seq_len=64))
     linear = [(l.in_features * l.out_features) for l in load_spec(SMOL).linears] * 30
-    expected = sum(_nf4_bytes(v, True) for v in linear) + (SMOL_PARAMS - sum(linear)) * 4 + SMOL_LORA16 * 4
+    expected = sum(nf4_bytes(v, True) for v in linear) + (SMOL_PARAMS - sum(linear)) * 4 + SMOL_LORA16 * 4
     assert b.line("weights").bytes == expected
     # 4 bits + 8/64 (uint8 absmax) + 32/(64 x 256) (nested fp32 absmax) + per-matrix code tables
-    assert 0.127 < sum(_nf4_bytes(v, True) for v in linear) * 8 / sum(linear) - 4 < 0.15
+    assert 0.127 < sum(nf4_bytes(v, True) for v in linear) * 8 / sum(linear) - 4 < 0.15
 
 
 def test_galore_states_by_hand():
@@ -354,6 +348,19 @@ def test_zero_and_fsdp_sharding():
     assert ddp.line("ddp_buckets").bytes == one.line("gradients").bytes
     assert one.total > z1.total > z2.total > z3.total
 
+
+
+def test_zero3_on_one_device_shards_nothing():
+    """One device keeps every state whole: ZeRO-3 there is plain training, with no all-gather buffers
+    (the selective loss's supervised-row count once stood in for the device count)."""
+    setup = dict(seq_len=512, precision="fp32", device="cpu")
+    plain = compute_bill(SMOL, "lora", Setup(**setup, zero=0))
+    one = compute_bill(SMOL, "lora", Setup(**setup, zero=3))
+    assert one.lines == plain.lines and one.phases == plain.phases and one.peak == plain.peak
+    two = compute_bill(SMOL, "lora", Setup(**setup, devices=2, zero=3))
+    per_layer = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536 + 2 * 576  # q, o; k, v; gate, up, down; 2 norms
+    assert two.line("gather").bytes == 2 * per_layer * 4  # this layer and the prefetched next one, fp32
+    assert two.line("weights").bytes == math.ceil((4 * SMOL_PARAMS + 4 * SMOL_LORA16) / 2)
 
 def test_checkpointing_keeps_layer_inputs():
     spec = load_spec(SMOL)
@@ -481,14 +488,30 @@ def test_activation_formula_equals_autograd(family, case):
 
 
 # ---- inputs ------------------------------------------------------------------------------------
-def test_parse_size_and_errors():
-    assert parse_size("24GiB") == 24 * GiB
-    assert parse_size("80GB") == 80 * GiB
-    assert parse_size("512MiB") == 512 * MiB
-    assert parse_size("1.5g") == int(1.5 * GiB)
-    assert parse_size(8) == 8 * GiB
-    with pytest.raises(TunesmithError, match="24GiB"):
-        parse_size("lots")
+def test_parse_size_si_and_iec_units():
+    """One convention everywhere: SI prefixes count powers of 1000, IEC ones powers of 1024, no unit is bytes."""
+    assert parse_size("24GiB") == 24 * 2**30 and parse_size("24 gib") == 24 * 2**30 and parse_size("24Gi") == 24 * 2**30
+    assert parse_size("80GB") == 80 * 10**9 and parse_size("80g") == 80 * 10**9
+    assert parse_size("512MiB") == 512 * 2**20 and parse_size("500MB") == 500 * 10**6
+    assert parse_size("64 KiB") == 64 * 1024 and parse_size("2TB") == 2 * 10**12 and parse_size("1TiB") == 2**40
+    assert parse_size("1.5GiB") == 3 * 2**29
+    assert parse_size(1234) == 1234 and parse_size("1234") == 1234 and parse_size("1234B") == 1234
+    for bad in ("lots", "GB", "12XB", "-1GB", "1.2.3GB"):
+        with pytest.raises(TunesmithError, match="is not a size: write e.g. 24GiB") as e:
+            parse_size(bad)
+        assert isinstance(e.value, ValueError)  # pydantic turns it into a field error in merge specs
+
+
+def test_budget_units_and_a_forgotten_unit():
+    assert plan(SMOL, "lora", seq_len=64, device="cpu", precision="fp32", budget="80GB").budget == 80 * 10**9
+    assert plan(SMOL, "lora", seq_len=64, device="cpu", precision="fp32", budget="24GiB").budget == 24 * 2**30
+    with pytest.raises(TunesmithError, match="budget '24' is 24 bytes.*without a unit counts bytes"):
+        plan(SMOL, "lora", seq_len=64, device="cpu", precision="fp32", budget="24")
+    with pytest.raises(TunesmithError, match="budget 'lots' is not a size"):
+        plan(SMOL, "lora", seq_len=64, device="cpu", precision="fp32", budget="lots")
+
+
+def test_setup_errors():
     with pytest.raises(TunesmithError, match="precision"):
         compute_bill(SMOL, "lora", Setup(precision="fp8"))
     with pytest.raises(TunesmithError, match="zero stage"):

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from tunesmith.cli import app
 from tunesmith.config import load_config
-from tunesmith.planning.bill import GiB
+from tunesmith.sizes import GiB
 from tunesmith.planning.recommend import recommend
 
 runner = CliRunner()
@@ -102,6 +102,38 @@ def test_cli_plan_errors(args, message):
     r = runner.invoke(app, ["plan", *args])
     assert r.exit_code == 1
     assert message in r.output
+
+
+# ---- the trainer that is measured is the trainer that trains ---------------------------------------
+def test_measure_builds_the_trainer_train_builds(tiny_recipe, monkeypatch):
+    """`plan --measure` and `train` both get their MethodTrainer from training.run.build_trainer, so the
+    measured step runs the same arguments, collator (and padding id), loss path and optimizer groups."""
+    import tunesmith.training.run as training_run
+    from tunesmith.planning.measure import measure
+
+    built = []
+
+    def spy(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    real = training_run.build_trainer
+    monkeypatch.setattr(training_run, "build_trainer", spy)
+    tiny_recipe["train"].update(max_steps=1, batch_size=2, padding_free=False)
+    tiny_recipe["data"].pop("eval")
+    config = load_config(tiny_recipe)
+    training_run.train(config, progress=False)
+    measure(config, seq_len=16, batch=2, steps=1, live_memory=False)
+    trained, measured = built
+
+    def shape(t):
+        a = t.args
+        groups = [(len(g["params"]), g.get("weight_decay")) for g in t.create_optimizer().param_groups]
+        return (type(t.data_collator), t.data_collator.pad_token_id, t.selective_loss, a.per_device_train_batch_size,
+                a.gradient_accumulation_steps, a.learning_rate, a.weight_decay, a.activation_checkpointing, groups)
+
+    assert shape(measured) == shape(trained)
+    assert trained.data_collator.pad_token_id is not None
 
 
 # ---- measured ------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ import torch
 from tunesmith.config import load_config
 from tunesmith.data.collate import PaddingFreeCollator
 from tunesmith.errors import TunesmithError
-from tunesmith.regularize.replay import interleave, largest_remainder, prepare_training_data
+from tunesmith.data.assemble import prepare_data
+from tunesmith.data.mixing import interleave, largest_remainder
 
 from helpers import write_jsonl
 
@@ -66,10 +67,10 @@ def test_largest_remainder_and_interleave():
 
 
 def test_replay_general_exact_ratio(tmp_path, tiny_model_dir, tokenizer):
-    from tunesmith.evaluation.forgetting import general_text
+    from tunesmith.data.general import general_text
 
     config = load_config(_recipe(tmp_path, tiny_model_dir, _booking(28), regularize={"replay": {"ratio": 0.2}}))
-    data = prepare_training_data(config, tokenizer)
+    data = prepare_data(config, tokenizer)
     flags = [e.where.startswith("general") for e in data.train]
     assert len(data.train) == 30 and sum(flags) == 6  # 6 / (24 + 6) = 0.2 exactly
     assert _prefix_counts_ok(flags, 0.2)  # exact in every window, so in any step budget
@@ -96,7 +97,7 @@ def test_weighted_mixing_and_entries(tmp_path, tiny_model_dir, tokenizer):
                                {"path": str(tmp_path / "shop.jsonl"), "weight": 3}]
     config = load_config(recipe)
     assert config.data.weights == [1.0, 3.0] and config.data.train[1].endswith("shop.jsonl")
-    data = prepare_training_data(config, tokenizer)
+    data = prepare_data(config, tokenizer)
     assert [d["used"] for d in data.mix["datasets"]] == [8, 24]  # 32 examples, 1:3
     shop = [e.where for e in data.train if "shop.jsonl" in e.where]
     assert len(shop) == 24 and all(shop.count(w) == 3 for w in set(shop))  # 8 rows, 3 whole passes
@@ -111,7 +112,7 @@ def test_replay_from_a_dataset_file(tmp_path, tiny_model_dir, tokenizer):
     write_jsonl(tmp_path / "old.jsonl", shopping(n_train=5, n_eval=1, seed=4)[0])
     config = load_config(_recipe(tmp_path, tiny_model_dir, _booking(24),
                                  regularize={"replay": {"ratio": 0.5, "source": str(tmp_path / "old.jsonl")}}))
-    data = prepare_training_data(config, tokenizer)
+    data = prepare_data(config, tokenizer)
     old = [e for e in data.train if "old.jsonl" in e.where]
     assert len(old) == 20 and len(data.train) == 40  # 20 task examples, ratio 0.5
     assert all(set(e.labels) != {-100} for e in old) and data.mix["replay"]["chunk_tokens"] is None
@@ -366,7 +367,7 @@ def test_training_run_with_replay_distill_and_ewc(tmp_path, tiny_model_dir, monk
     # The trainer read the mixed data in its exact order (sequential sampling).
     from tunesmith.models import load_tokenizer
 
-    expected = prepare_training_data(load_config(recipe), load_tokenizer(str(tiny_model_dir))).train
+    expected = prepare_data(load_config(recipe), load_tokenizer(str(tiny_model_dir))).train
     first = [t for e in expected[:4] for t in e.input_ids]
     assert seen_batches[0] == first
     assert math.isfinite(result.summary["train_loss"])

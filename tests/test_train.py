@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from tunesmith.config import load_config
 from tunesmith.data.collate import PaddingCollator
-from tunesmith.data.dataset import prepare_data
+from tunesmith.data.assemble import prepare_data
 from tunesmith.data.masking import IGNORE_INDEX
 from tunesmith.errors import TunesmithError
 from tunesmith.training.run import train

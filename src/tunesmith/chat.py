@@ -1,4 +1,8 @@
-"""A multi-turn chat session over a loaded model, streaming tokens as they are generated."""
+"""A multi-turn chat session over a loaded model, streaming tokens as they are generated.
+
+A model that serves several tasks (task prefixes, continual runs) gets a TaskChatSession, which routes
+each message to its task's adapters through routing.py, the way `eval --adapter` and the server do.
+"""
 from __future__ import annotations
 
 import threading
@@ -8,6 +12,7 @@ import torch
 
 from .data.templates import render
 from .inference import LoadedModel, stop_token_ids
+from .routing import Route, Router, router_for, switch
 
 
 class ChatSession:
@@ -30,7 +35,7 @@ class ChatSession:
 
     def stream(self, user_text: str) -> Iterator[str]:
         """Yield the answer piece by piece; the whole answer joins the history when done."""
-        from transformers import TextIteratorStreamer
+        from transformers import TextIteratorStreamer  # heavy: transformers loads only when a chat generates
 
         tok, model = self.loaded.tokenizer, self.loaded.model
         self.history.append({"role": "user", "content": user_text})
@@ -71,3 +76,29 @@ class ChatSession:
             if on_piece:
                 on_piece(piece)
         return "".join(pieces).strip()
+
+
+class TaskChatSession(ChatSession):
+    """Routes each turn: a fixed task (--adapter NAME), by the message's task prefix (auto), or the run's own task."""
+
+    def __init__(self, loaded: LoadedModel, router: Router, **kwargs):
+        super().__init__(loaded, **kwargs)
+        self.router = router
+        self.current: Route | None = None
+
+    def _route_turn(self, text: str) -> str:
+        route = self.router.choose(text, self.current)
+        if route is not None and not self.history:
+            text = route.prefixed(text)  # as in training: the prefix starts the first user message
+        switch(self.loaded.model, route, self.current)
+        self.current = route
+        return text
+
+    def stream(self, user_text: str):
+        return super().stream(self._route_turn(user_text))
+
+
+def make_chat_session(loaded: LoadedModel, adapter: str | None = None, **kwargs) -> ChatSession:
+    """A ChatSession that puts the task prefix on the first user message and serves with the task's adapters."""
+    router = router_for(loaded, adapter)
+    return ChatSession(loaded, **kwargs) if router is None else TaskChatSession(loaded, router, **kwargs)

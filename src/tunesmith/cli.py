@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import TunesmithError
+from .methods import registry
 
 
 class _App(typer.Typer):
@@ -195,6 +196,16 @@ def data_stats_cmd(recipe: str, set_: Optional[List[str]] = SetOption, as_json: 
     for key in stats["train"]:
         table.add_row(key, str(stats["train"][key]), str(stats["eval"].get(key, "")))
     out.print(table)
+    _print_mix(stats.get("mix"))
+
+
+def _print_mix(mix: dict | None) -> None:
+    """Where mixed training examples come from: each dataset's used/available count and share, and the replay."""
+    for d in (mix or {}).get("datasets", []):
+        out.print(f"{d['source']}: {d['used']} of {d['available']} examples ({d['share']:.1%})", highlight=False)
+    replay = (mix or {}).get("replay")
+    if replay:
+        out.print(f"replay {replay['source']}: {replay['examples']} examples ({replay['share']:.1%})", highlight=False)
 
 
 @data_app.command("check")
@@ -223,16 +234,15 @@ def data_check(recipe: str, set_: Optional[List[str]] = SetOption, as_json: bool
 @app.command()
 def methods(as_json: bool = JsonOption):
     """The fine-tuning methods: when to use each, and its key options."""
-    from .methods import METHODS
+    from .methods import ADVICE, METHODS
 
     if as_json:
-        return _print_json([m.__dict__ for m in METHODS.values()])
+        return _print_json([{"name": m.name, "when": m.when, "options": m.key_options} for m in METHODS.values()])
     table = Table("method.name", "use it when", "key options (method.*)")
     for m in METHODS.values():
-        table.add_row(m.name, m.when, m.options)
+        table.add_row(m.name, m.when, m.key_options)
     out.print(table)
-    out.print("Start with lora; if the base does not fit, qlora; if lora underfits at your rank, dora or a higher r; "
-              "if memory allows and data is large, full or galore.", highlight=False)
+    out.print(ADVICE, highlight=False)
 
 
 # ---- train / eval / chat / export ---------------------------------------------------------------
@@ -345,7 +355,7 @@ def chat(
                                           "each message by its task prefix (auto)."),
 ):
     """Talk to a model: /reset clears the history, /system TEXT sets the system message, /exit quits."""
-    from .continual import make_chat_session
+    from .chat import make_chat_session
     from .inference import load_for_inference
 
     loaded = _run(lambda: load_for_inference(target, base=base))
@@ -432,24 +442,31 @@ def _train_dry_run(recipe: str, overrides: List[str], as_json: bool) -> None:
     for key in result["data"]["train"]:
         table.add_row(key, str(result["data"]["train"][key]), str(result["data"]["eval"].get(key, "")))
     out.print(table)
+    _print_mix(result["data"].get("mix"))
     print_bill(out, m.bill)
     print_measurement(out, m)
     out.print(f"time per step: {m.seconds_per_step:.2f} s ({m.tokens_per_second:.0f} tokens/s) at micro batch "
               f"{m.batch} x {m.seq_len} tokens; dry run: nothing written", highlight=False)
 
 
+def _rank_help() -> str:
+    """What --rank sets: r, unless a method's registry entry names another option."""
+    others = [f"{m.rank_option} for {m.name}" for m in registry.METHODS.values() if m.rank_option not in (None, "r")]
+    return f"Adapter rank (r; {'; '.join(others)})."
+
+
 @app.command()
 def plan(
     model: str = typer.Option("smollm2-135m-instruct", help="Built-in or bundled name (llama-3.1-8b, qwen2.5-7b, ...), "
                               "a folder or config.json, or a cached hub id."),
-    method: Optional[str] = typer.Option(None, help="lora, dora, qlora, vera, adalora, loraplus, full, freeze, galore. "
+    method: Optional[str] = typer.Option(None, help=f"{', '.join(registry.METHODS)} (default {registry.DEFAULT_METHOD}). "
                                          "Without it and with --budget: recommend one."),
-    rank: Optional[int] = typer.Option(None, help="Adapter rank (r; init_r for adalora; galore_rank for galore)."),
+    rank: Optional[int] = typer.Option(None, help=_rank_help()),
     targets: Optional[str] = typer.Option(None, help="Comma-separated target modules, e.g. q_proj,v_proj (default all-linear)."),
     seq_len: int = typer.Option(2048, help="Tokens per sequence."),
     batch: int = typer.Option(1, help="Micro batch (sequences per device and step)."),
     grad_accum: int = typer.Option(1, help="Gradient accumulation steps."),
-    budget: Optional[str] = typer.Option(None, help="Memory per device, e.g. 24GiB or 80GB."),
+    budget: Optional[str] = typer.Option(None, help="Memory per device, e.g. 24GiB (2^30 bytes each) or 80GB (10^9 bytes each)."),
     precision: str = typer.Option("auto", help="auto (what train would run here), fp32, amp (fp32 weights + bf16 "
                                   "autocast), bf16 (bf16 weights + fp32 master), pure-bf16."),
     checkpointing: bool = typer.Option(False, help="Gradient checkpointing."),
@@ -477,7 +494,7 @@ def plan(
         rec = _run(lambda: recommend(model, budget, seq_len=seq_len, multi_task=multi_task, precision=prec,
                                      device=dev, devices=devices, zero=zero))
         return _print_json(rec.as_dict()) if as_json else print_recommendation(out, rec)
-    bill = _run(lambda: make_plan(model, method or "lora", rank=rank, targets=target_list, seq_len=seq_len,
+    bill = _run(lambda: make_plan(model, method or registry.DEFAULT_METHOD, rank=rank, targets=target_list, seq_len=seq_len,
                                   batch=batch, grad_accum=grad_accum, precision=precision, checkpointing=checkpointing,
                                   optimizer=optimizer, devices=devices, zero=zero, device=device, loss=loss,
                                   budget=budget))
@@ -488,11 +505,12 @@ def plan(
         from .config import load_config
         from .planning.measure import measure as run_measure
         from .planning import method_config
+        from .planning.setup import FULL_LOSS
 
         def go():
-            cfg = load_config({"model": model, "data": {"train": "(synthetic)"},
-                               "method": method_config(method or "lora", rank, target_list).model_dump(),
-                               "train": {"gradient_checkpointing": checkpointing, "selective_loss": loss != "full"}})
+            section = method_config(method or registry.DEFAULT_METHOD, rank, target_list)
+            cfg = load_config({"model": model, "data": {"train": "(synthetic)"}, "method": section.model_dump(),
+                               "train": {"gradient_checkpointing": checkpointing, "selective_loss": loss != FULL_LOSS}})
             return run_measure(cfg, seq_len=seq_len, batch=batch, grad_accum=grad_accum)
 
         m = _run(go)

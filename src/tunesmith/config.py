@@ -4,30 +4,14 @@ Every error names the key path, the bad value and the fix; unknown keys get the 
 """
 from __future__ import annotations
 
-import difflib
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_serializer,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
-from .errors import TunesmithError
-from .yamlfile import read_yaml_mapping
-
-
-_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
-
-
-def _scientific_to_float(value: Any) -> Any:
-    """YAML 1.1 reads `1e-4` as a string; accept it as the number the user meant."""
-    if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
-        return float(value)
-    return value
-
-
-Number = Annotated[float, BeforeValidator(_scientific_to_float)]
+from .methods.registry import DEFAULT_METHOD, METHODS, methods_accepting, methods_with
+from .yamlfile import Number, YamlSchema, load_validated
 
 
 class _Section(BaseModel):
@@ -126,44 +110,12 @@ class DataConfig(_Section):
         return self
 
 
-METHOD_NAMES = ("lora", "dora", "qlora", "vera", "adalora", "loraplus", "full", "freeze", "galore")
-ADAPTER_METHODS = ("lora", "dora", "qlora", "vera", "adalora", "loraplus")
-LORA_FAMILY = ("lora", "dora", "qlora", "loraplus")
-
-# Which methods each option applies to; setting it for another method is an error that names both.
-OPTION_METHODS: dict[str, tuple[str, ...]] = {
-    "alpha": ADAPTER_METHODS[:3] + ("adalora", "loraplus"),
-    "dropout": ADAPTER_METHODS,
-    "target_modules": ADAPTER_METHODS + ("galore",),
-    "rslora": LORA_FAMILY + ("adalora",),
-    "init": ("lora", "dora", "loraplus"),
-    "loraplus_lr_ratio": ("lora", "dora", "qlora", "loraplus"),
-    "trainable_layers": ("freeze",),
-    "trainable_modules": ("freeze",),
-    "init_r": ("adalora",),
-    "target_r": ("adalora",),
-    "tinit": ("adalora",),
-    "tfinal": ("adalora",),
-    "delta_t": ("adalora",),
-    "orth_reg_weight": ("adalora",),
-    "d_initial": ("vera",),
-    "quant_type": ("qlora",),
-    "double_quant": ("qlora",),
-    "galore_rank": ("galore",),
-    "update_proj_gap": ("galore",),
-    "galore_scale": ("galore",),
-    "galore_optim": ("galore",),
-}
-WHY_NOT = {
-    ("galore", "qlora"): "GaLore trains full-rank weights, which a frozen 4-bit base cannot hold",
-    ("rslora", "vera"): "VeRA has no alpha/r scaling to stabilise; it trains scaling vectors",
-    ("init", "qlora"): "PiSSA/OLoRA rewrite the base weights, which are frozen 4-bit tensors in QLoRA",
-}
+METHOD_NAMES = tuple(METHODS)  # methods/registry.py: one entry per method module
 
 
 class MethodConfig(_Section):
-    name: Literal["lora", "dora", "qlora", "vera", "adalora", "loraplus", "full", "freeze", "galore"] = Field(
-        "lora", description="Fine-tuning method; `tunesmith methods` says when to use which."
+    name: Literal[METHOD_NAMES] = Field(
+        DEFAULT_METHOD, description="Fine-tuning method; `tunesmith methods` says when to use which."
     )
     r: int = Field(16, ge=1, description="Adapter rank (LoRA family, VeRA; AdaLoRA uses init_r/target_r).")
     alpha: Number = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with rslora).")
@@ -202,22 +154,21 @@ class MethodConfig(_Section):
 
     @model_validator(mode="after")
     def _options_fit_the_method(self) -> "MethodConfig":
-        for option in sorted(self.model_fields_set):
-            allowed = OPTION_METHODS.get(option)
-            if allowed is None or self.name in allowed:
+        """Each option set must be one the method's registry entry accepts; then the entry's own rule."""
+        entry = METHODS[self.name]
+        for option in sorted(self.model_fields_set - {"name"}):
+            if option in entry.options:
                 continue
             if getattr(self, option) == type(self).model_fields[option].default:
                 continue  # a default written out (e.g. by `config show`) is not a choice
-            why = WHY_NOT.get((option.split("_")[0], self.name)) or WHY_NOT.get((option, self.name))
+            why = entry.conflicts.get(option)
             raise ValueError(
                 f"method.{option} cannot be used with method.name={self.name}"
                 + (f": {why}" if why else "")
-                + f". It applies to {', '.join(allowed)}; remove it or change method.name"
+                + f". It applies to {', '.join(methods_accepting(option))}; remove it or change method.name"
             )
-        if self.name == "adalora" and self.target_r > self.init_r:
-            raise ValueError(f"method.target_r={self.target_r} must not exceed method.init_r={self.init_r}")
-        if self.name == "freeze" and self.trainable_layers and self.trainable_modules:
-            raise ValueError("method.trainable_layers and method.trainable_modules: set one of them, not both")
+        if entry.check is not None:
+            entry.check(self)
         return self
 
 
@@ -369,133 +320,27 @@ class RunConfig(_Section):
         needs_loss = [f"regularize.{k}" for k in ("distill", "ewc") if getattr(r, k) is not None]
         if self.continual.previous and self.continual.strategy == "o-lora":
             needs_loss.append("continual.strategy=o-lora")
-        if needs_loss and (not self.train.selective_loss or self.method.name == "adalora"):
+        entry = METHODS[self.method.name]
+        if needs_loss and (not self.train.selective_loss or not entry.selective_loss):
+            without = " or ".join(name for name, m in METHODS.items() if not m.selective_loss)
             raise ValueError(
                 f"{', '.join(needs_loss)}: these add loss terms, which need train.selective_loss: true and a method other "
-                f"than adalora (got selective_loss={self.train.selective_loss}, method.name={self.method.name})"
+                f"than {without} (got selective_loss={self.train.selective_loss}, method.name={self.method.name})"
             )
-        if self.continual.previous and self.method.name not in ("lora", "loraplus"):
+        if self.continual.previous and not entry.stacks:
             raise ValueError(
-                f"continual.previous needs method.name lora or loraplus (adapters that stack), got {self.method.name}"
+                f"continual.previous needs method.name {' or '.join(methods_with('stacks'))} (adapters that stack), "
+                f"got {self.method.name}"
             )
         return self
 
 
-def _field_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
-    paths = []
-    for name, field in model.model_fields.items():
-        path = f"{prefix}{field.alias or name}"  # `lambda`, not the Python name `lambda_`
-        paths.append(path)
-        ann = field.annotation
-        inner = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
-        ann = inner[0] if len(inner) == 1 else ann  # Optional[Section]
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            paths.extend(_field_paths(ann, path + "."))
-    return paths
-
-
-def _nearest(path: str) -> str:
-    candidates = _field_paths(RunConfig)
-    leaf_matches = difflib.get_close_matches(path, candidates, n=1, cutoff=0.5)
-    if leaf_matches:
-        return f"; did you mean '{leaf_matches[0]}'?"
-    return ""
-
-
-def _key_path(loc: tuple) -> str:
-    """The user's key path, without the union-member tags pydantic adds (`bool`, `literal['auto']`, `list[str]`)."""
-    keys = []
-    for part in loc:
-        if isinstance(part, int):
-            keys[-1:] = [f"{keys[-1]}[{part}]"] if keys else [f"[{part}]"]
-        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part) and part not in ("str", "bool", "int", "float"):
-            keys.append(part)
-    return ".".join(keys)
-
-
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    by_path: dict[str, list[str]] = {}
-    values: dict[str, Any] = {}
-    lines = []
-    for e in err.errors():
-        path = _key_path(e["loc"])
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{path}'{_nearest(path)}")
-            continue
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "literal_error":
-            msg = f"must be one of {e.get('ctx', {}).get('expected', '')}"
-        if not path or isinstance(e.get("input"), dict):
-            lines.append(f"{source}: {msg}")  # a rule across several keys; the message names them
-            continue
-        values[path] = e.get("input")
-        if msg not in by_path.setdefault(path, []):
-            by_path[path].append(msg)
-    for path, msgs in by_path.items():
-        lines.append(f"{source}: {path} = {values[path]!r} is invalid: {'; or '.join(msgs)}")
-    return "\n".join(lines)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=1e-4` -> (["train", "lr"], 1e-4); the value is parsed as YAML."""
-    if "=" not in text:
-        raise TunesmithError(f"--set '{text}': expected KEY=VALUE, e.g. --set train.lr=1e-4")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise TunesmithError(f"--set '{text}': the key is empty")
-    return key.split("."), _parse_value(raw)
-
-
-def _parse_value(raw: str) -> Any:
-    """A YAML scalar or list (`1e-4`, `true`, `[q_proj, v_proj]`); anything YAML would reshape stays text."""
-    text = raw.strip()
-    if not text:
-        return ""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return raw
-    if isinstance(value, dict):
-        return raw  # "Answer: JSON only" is a sentence, not a mapping
-    if value is None and text not in ("null", "~", "None"):
-        return raw  # "# heading" is text, not a YAML comment
-    if isinstance(value, str) and value != text:
-        return raw  # YAML dropped part of it (e.g. "... #strict")
-    return value
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        keys, value = parse_override(item)
-        node = raw
-        for k in keys[:-1]:
-            child = node.get(k)
-            if child is None:
-                child = node[k] = {}
-            elif not isinstance(child, dict):
-                raise TunesmithError(f"--set {item}: '{k}' is a value, not a section")
-            node = child
-        node[keys[-1]] = value
-    return raw
+RECIPE = YamlSchema(RunConfig, file_word="recipe", dict_name="config", keys_hint="model, data, method, train")
 
 
 def load_config(source: Union[str, Path, dict, None] = None, overrides: Optional[list[str]] = None) -> RunConfig:
     """Load a run config from a YAML file (relative data paths resolve against the file) or a dict."""
-    base_dir: Optional[Path] = None
-    if source is None:
-        raw, name = {}, "config"
-    elif isinstance(source, dict):
-        raw, name = dict(source), "config"
-    else:
-        path = Path(source)
-        raw = read_yaml_mapping(path, "recipe", "model, data, method, train")
-        name, base_dir = str(path), path.parent
-    raw = apply_overrides(raw, overrides or [])
-    try:
-        config = RunConfig.model_validate(raw)
-    except ValidationError as err:
-        raise TunesmithError(_format_validation_error(err, name)) from None
+    config, base_dir = load_validated(RECIPE, source, overrides)
     if base_dir is not None:
         _resolve_relative_paths(config, base_dir)
     return config

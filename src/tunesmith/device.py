@@ -1,4 +1,4 @@
-"""What the hardware supports: bf16 autocast and where tensors go."""
+"""What the hardware supports: bf16 autocast."""
 from __future__ import annotations
 
 import torch
@@ -19,7 +19,3 @@ def use_bf16(setting) -> bool:
     if setting == "auto":
         return bf16_supported()
     return bool(setting)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -11,7 +11,8 @@ from .data.masking import END_MARKERS
 from .data.templates import apply_template_override
 from .errors import TunesmithError
 from .models import load_model, load_tokenizer
-from .methods import load_kwargs as method_load_kwargs
+from .methods import get_method
+from .methods.adapter_stack import load_previous_adapters
 from .rundir import is_adapter_run, is_run_dir, load_run_config
 
 
@@ -63,21 +64,17 @@ def _load_run_model(config: RunConfig, run: Path | None):
     """The base alone, a full-model run, or the base (4-bit for QLoRA, as trained) plus the run's adapter."""
     if run is not None and not is_adapter_run(run):
         return load_model(str(run), trust_remote_code=config.trust_remote_code), str(run)
-    kwargs = method_load_kwargs(config) if run is not None else {}
+    method = get_method(config.method.name)
+    kwargs = method.load_kwargs(config) if run is not None else {}
     model = load_model(config.model, trust_remote_code=config.trust_remote_code, **kwargs)
     if run is None:
         return model, f"{config.model} (base)"
-    from peft import PeftModel
+    from peft import PeftModel  # heavy: only a run with an adapter needs peft
 
     model = PeftModel.from_pretrained(model, str(run))
-    if config.continual.previous:  # the earlier tasks' adapters, stacked as the run trained (continual.py)
-        from .continual import load_previous_adapters
-
+    if config.continual.previous:  # the earlier tasks' adapters, stacked as the run trained
         load_previous_adapters(model, run)
-    if config.method.name == "qlora":
-        from .methods.qlora import keep_cpu_gradients_flowing
-
-        keep_cpu_gradients_flowing(model)
+    method.after_load(model)
     return model, str(run)
 
 

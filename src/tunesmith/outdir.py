@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Union
 
 from .errors import TunesmithError
+from .models import BUILTIN_MODELS, builtin_cache_dir
 
 PathLike = Union[str, Path]
 
@@ -46,8 +47,6 @@ def inputs(what: str, refs: Union[PathLike, Iterable[PathLike], None]) -> list[I
 
 def model_input(ref: str, what: str = "model") -> list[Input]:
     """Where a model reference lives on disk: the built-in model's cache folder, or a local folder or file."""
-    from .models import BUILTIN_MODELS, builtin_cache_dir
-
     if ref in BUILTIN_MODELS:
         return inputs(what, builtin_cache_dir(ref))
     return inputs(what, ref)

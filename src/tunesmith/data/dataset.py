@@ -1,15 +1,14 @@
-"""Build the tokenized train and eval sets for a run, with the counts a user needs to trust them."""
+"""The building blocks of a run's data: conversations from files, tokenized examples with the counts a user
+needs to trust them, and the held-out split. data/assemble.py puts them together."""
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
 
 from ..config import RunConfig
-from ..errors import TunesmithError
 from .formats import Conversation, to_conversation
 from .loading import load_rows
 from .masking import TokenizedExample, tokenize_conversation
-from .templates import apply_template_override
 
 
 @dataclass
@@ -50,10 +49,19 @@ class SplitStats:
 
 @dataclass
 class PreparedData:
+    """A run's examples. Mixed data (`mix`: weighted datasets, replay) is `ordered`: train reads it as given."""
+
     train: list[TokenizedExample]
     eval: list[TokenizedExample]
     train_stats: SplitStats
     eval_stats: SplitStats
+    mix: dict = field(default_factory=dict)
+    ordered: bool = False
+
+    def stats(self) -> dict:
+        """What `data stats` reports and data_stats.json holds: the counts of both splits, and the mix if any."""
+        out = {"train": self.train_stats.as_dict(), "eval": self.eval_stats.as_dict()}
+        return {**out, "mix": self.mix} if self.mix else out
 
 
 def load_conversations(source, config: RunConfig) -> list[tuple[Conversation, str]]:
@@ -91,21 +99,3 @@ def split_conversations(convs: list, eval_share: float, seed: int) -> tuple[list
     n_eval = min(len(convs) - 1, max(1, int(round(len(convs) * eval_share))))
     held = set(order[:n_eval])
     return [c for i, c in enumerate(convs) if i not in held], [c for i, c in enumerate(convs) if i in held]
-
-
-def prepare_data(config: RunConfig, tokenizer) -> PreparedData:
-    apply_template_override(tokenizer, config.data.chat_template)
-    train_convs = load_conversations(config.data.train, config)
-    if config.data.eval:
-        eval_convs = load_conversations(config.data.eval, config)
-    else:
-        train_convs, eval_convs = split_conversations(train_convs, config.data.eval_split, config.train.seed)
-    train, train_stats = tokenize_all(tokenizer, train_convs, config)
-    evaluation, eval_stats = tokenize_all(tokenizer, eval_convs, config)
-    if not train:
-        raise TunesmithError(
-            f"no training example is left: {train_stats.dropped_too_long} of {train_stats.rows} are longer than "
-            f"data.max_length={config.data.max_length} tokens and {train_stats.dropped_no_supervised} have no "
-            "supervised token; raise data.max_length or set data.truncation: truncate"
-        )
-    return PreparedData(train, evaluation, train_stats, eval_stats)

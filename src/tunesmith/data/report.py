@@ -5,8 +5,9 @@ from dataclasses import dataclass
 
 from ..config import RunConfig
 from ..errors import TunesmithError
-from .dataset import load_conversations, split_conversations
+from .assemble import hold_out, prepare_data, untagged
 from .masking import END_OF_TURN, IGNORE_INDEX, TokenizedExample, tokenize_conversation
+from .prefixes import load_task_conversations
 from .templates import apply_template_override, marks_roles
 
 
@@ -25,26 +26,22 @@ def token_texts(tokenizer, ids: list[int]) -> list[str]:
 
 
 def inspect_examples(config: RunConfig, tokenizer, n: int = 2) -> list[dict]:
-    """The first n training rows as token tables: id, text, whether it carries loss, and why."""
-    apply_template_override(tokenizer, config.data.chat_template)
-    convs = load_conversations(config.data.train, config)[:n]
+    """The first n training examples, as training receives them (task prefixes, mixing and replay included),
+    as token tables: id, text, whether it carries loss, and why."""
     out = []
-    for index, (conv, where) in enumerate(convs):
-        ex = tokenize_conversation(tokenizer, conv, config.data.train_on, None, "drop", where)
+    for index, ex in enumerate(prepare_data(config, tokenizer).train[:n]):
         texts = token_texts(tokenizer, ex.input_ids)
         tokens = [
             {"id": tid, "text": text, "loss": label != IGNORE_INDEX, "why": why}
             for tid, text, label, why in zip(ex.input_ids, texts, ex.labels, ex.categories)
         ]
-        out.append({"index": index, "where": where, "too_long": len(ex.input_ids) > config.data.max_length, "tokens": tokens})
+        out.append({"index": index, "where": ex.where, "truncated": ex.truncated, "tokens": tokens})
     return out
 
 
 def data_stats(config: RunConfig, tokenizer) -> dict:
-    from .dataset import prepare_data
-
-    prepared = prepare_data(config, tokenizer)
-    return {"train": prepared.train_stats.as_dict(), "eval": prepared.eval_stats.as_dict()}
+    """The counts of what training receives: the same dict a run writes to data_stats.json."""
+    return prepare_data(config, tokenizer).stats()
 
 
 @dataclass
@@ -72,16 +69,17 @@ def check_data(config: RunConfig, tokenizer) -> list[Finding]:
             "the template renders user and assistant messages the same way, so the model cannot tell who speaks; "
             "set data.chat_template to a template that marks roles",
         ))
-    sources = [("data.train", config.data.train)] + ([("data.eval", config.data.eval)] if config.data.eval else [])
-    for key, source in sources:
+    loaded = {}
+    for key, which in [("data.train", "train")] + ([("data.eval", "eval")] if config.data.eval else []):
         try:
-            convs = load_conversations(source, config)
+            loaded[which] = load_task_conversations(config, which)  # task prefixes on, as training sees them
         except TunesmithError as exc:
             findings.append(Finding("error", key, str(exc)))
-            continue
-        if key == "data.train" and not config.data.eval:
-            convs, _ = split_conversations(convs, config.data.eval_split, config.train.seed)
-        findings.extend(_check_examples(tokenizer, convs, config))
+    if "train" in loaded:
+        train, _ = hold_out(config, loaded["train"], loaded.get("eval", []))
+        findings.extend(_check_examples(tokenizer, untagged(train), config))
+    if "eval" in loaded:
+        findings.extend(_check_examples(tokenizer, untagged(loaded["eval"]), config))
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
         findings.append(Finding(
             "info", "tokenizer",

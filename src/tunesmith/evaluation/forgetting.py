@@ -1,9 +1,7 @@
 """What fine-tuning cost: general perplexity before and after, and the accuracy matrix of a task sequence.
 
-General ability is measured as perplexity on held-out general English: the Python reference that ships
-with every Python install (`pydoc_data.topics.topics`, about 465k characters in 79 topics). The topics
-are split once, by name: every fifth topic (sorted) is held out for measuring, the rest is what
-`regularize.replay` and `regularize.ewc` may train on, so replay never trains on the measured text.
+General ability is measured as perplexity on the held-out topics of the general corpus (data/general.py:
+the Python reference; replay and EWC train only on its other topics, so never on the measured text).
 Beside it, the base model's own answers to everyday questions (general_questions.py): how much less the
 fine-tuned model expects them, and how many it still gives word for word.
 
@@ -17,52 +15,18 @@ import contextlib
 import math
 import time
 from pathlib import Path
-from typing import Literal
 
 import torch
 
+from ..data.general import DEFAULT_BLOCK_TOKENS, GENERAL_CORPUS, general_blocks
 from ..errors import TunesmithError
+from ..inference import load_for_inference, resolve_target
+from ..methods import get_method
+from ..methods.adapter_stack import previous_chain
+from ..routing import adapters_for_task
+from ..rundir import is_run_dir, load_run_config
 from .general_questions import QUESTIONS, answer_perplexity, answer_questions, base_answers, same_answer_share
-
-GENERAL_CORPUS = "pydoc_data.topics (Python reference)"
-HELDOUT_EVERY, HELDOUT_OFFSET = 5, 2
-DEFAULT_BLOCK_TOKENS = 256
-
-
-def general_topics(split: Literal["train", "heldout"]) -> list[str]:
-    """Topic names of the general corpus in one split (deterministic: by sorted name)."""
-    from pydoc_data.topics import topics
-
-    names = sorted(topics)
-    held = {n for i, n in enumerate(names) if i % HELDOUT_EVERY == HELDOUT_OFFSET}
-    if split == "heldout":
-        return [n for n in names if n in held]
-    if split == "train":
-        return [n for n in names if n not in held]
-    raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
-
-
-def general_text(split: Literal["train", "heldout"]) -> str:
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[n].strip() for n in general_topics(split))
-
-
-def general_token_ids(tokenizer, split: Literal["train", "heldout"]) -> list[int]:
-    return list(tokenizer(general_text(split), add_special_tokens=False, verbose=False)["input_ids"])
-
-
-def general_blocks(
-    tokenizer, split: Literal["train", "heldout"] = "heldout", block_tokens: int = DEFAULT_BLOCK_TOKENS,
-    max_tokens: int | None = None,
-) -> list[list[int]]:
-    """Contiguous blocks of `block_tokens` tokens; with `max_tokens`, evenly spaced blocks up to that budget."""
-    ids = general_token_ids(tokenizer, split)
-    blocks = [ids[i : i + block_tokens] for i in range(0, len(ids) - block_tokens + 1, block_tokens)]
-    if max_tokens is not None:
-        want = max(1, min(len(blocks), max_tokens // block_tokens))
-        blocks = [blocks[(k * len(blocks)) // want] for k in range(want)]
-    return blocks
+from .run import evaluate_loaded, evaluate_routed
 
 
 @torch.inference_mode()
@@ -101,9 +65,10 @@ def base_model(loaded, target: str):
     label = str(ref.resolve()) if ref.exists() else config.model
     if _adapters_on_original_base(loaded):
         with loaded.model.disable_adapter():
-            yield loaded.model, label + (" (nf4)" if config.method.name == "qlora" else "")
+            # a 4-bit base answers differently from the full-precision one: its own cache entry
+            quantized = get_method(config.method.name).quantized_base
+            yield loaded.model, label + (f" ({config.method.quant_type})" if quantized else "")
         return
-    from ..inference import load_for_inference
 
     base = load_for_inference(target, base=True)
     try:
@@ -123,24 +88,16 @@ def sequence_metrics(R: list[list[float]]) -> dict:
 
 def task_sequence(target: str, previous: list[str] | None = None) -> list[str]:
     """The runs of a task sequence, oldest first: `previous` if given, else the run's continual.previous chain."""
-    from ..rundir import load_run_config
-
     if previous:
         return [*previous, target]
     config = load_run_config(target)
     if config.continual.previous:
-        from ..continual import previous_chain
-
         return [*previous_chain(config), target]
     return [target]
 
 
 def accuracy_matrix(runs: list[str], limit: int | None = None, route: bool = False, progress: bool = False) -> dict:
     """R[i][j]: the score on task j (run j's eval data and scorer) of the model trained through task i."""
-    from ..inference import load_for_inference
-    from ..rundir import is_run_dir, load_run_config
-    from .run import evaluate_loaded
-
     for r in runs:
         if not is_run_dir(r):
             raise TunesmithError(f"task sequence: '{r}' is not a trained run folder; train it first")
@@ -161,8 +118,6 @@ def _routed(loaded, task_run: str, route: bool):
     """With routing, evaluate task j through the adapters its own run was trained with (when this model has them)."""
     if not route:
         return contextlib.nullcontext()
-    from ..continual import adapters_for_task
-
     return adapters_for_task(loaded, task_run)
 
 
@@ -179,9 +134,6 @@ def forgetting_report(
     `adapter` NAME or auto serves the task score like `eval --adapter`; with auto, R[i][j] serves task j with the
     adapters task j was trained with, where run i has them (per-task adapters: no interference between tasks).
     """
-    from ..inference import load_for_inference
-    from .run import evaluate_loaded
-
     start = time.perf_counter()
     loaded = load_for_inference(target)
     config = loaded.config
@@ -197,8 +149,6 @@ def forgetting_report(
     answer_ppl = answer_perplexity(loaded.model, loaded.tokenizer, QUESTIONS, reference)
     same = same_answer_share(answer_questions(loaded.model, loaded.tokenizer), reference)
     if adapter is not None:
-        from ..continual import evaluate_routed
-
         task = evaluate_routed(loaded, config, adapter, limit, progress)
     else:
         task = evaluate_loaded(loaded, config, limit, progress)
@@ -230,7 +180,5 @@ def forgetting_report(
 
 
 def _run_dir_of(target: str) -> str | None:
-    from ..inference import resolve_target
-
     _, run = resolve_target(target)
     return str(run) if run is not None else None

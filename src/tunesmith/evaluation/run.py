@@ -1,39 +1,20 @@
 """`tunesmith.evaluate(target)`: eval loss, perplexity and the task score by greedy generation."""
 from __future__ import annotations
 
+import math
 import time
 
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
-from ..data.dataset import load_conversations, split_conversations, tokenize_all
+from ..data.assemble import eval_conversations
+from ..data.dataset import tokenize_all
 from ..data.templates import render
 from ..errors import TunesmithError
 from ..inference import generate_batch, load_for_inference
+from ..routing import NO_ROUTES, find_route, group_by_route, serving, task_routes
 from .perplexity import supervised_nll
 from .scorers import SCORERS, check_references
-
-
-def eval_conversations(config: RunConfig):
-    """The held-out conversations: data.eval, or the same held-out split training used."""
-    if config.data.task_prefix:  # the same prefixes, and the same split, as training (continual.py)
-        from ..continual import load_task_conversations
-
-        which = "eval" if config.data.eval else "train"
-        convs = [(c, w) for c, w, _ in load_task_conversations(config, which)]
-        if which == "eval":
-            return convs
-        _, held = split_conversations(convs, config.data.eval_split, config.train.seed)
-        if not held:
-            raise TunesmithError("no eval data: set data.eval, or a data.eval_split > 0 with more than one training row")
-        return held
-    if config.data.eval:
-        return load_conversations(config.data.eval, config)
-    train = load_conversations(config.data.train, config)
-    _, held = split_conversations(train, config.data.eval_split, config.train.seed)
-    if not held:
-        raise TunesmithError("no eval data: set data.eval, or a data.eval_split > 0 with more than one training row")
-    return held
 
 
 def score_generations(model, tokenizer, convs, scorer: str, max_new_tokens: int, batch_size: int, progress: bool = True):
@@ -63,8 +44,6 @@ def evaluate(target: str, base: bool = False, limit: int | None = None, progress
     if config is None:
         raise TunesmithError(f"eval needs a run folder or a recipe (to know the eval data), got '{target}'")
     if adapter is not None:
-        from ..continual import evaluate_routed
-
         return evaluate_routed(loaded, config, adapter, limit, progress)
     return evaluate_loaded(loaded, config, limit, progress)
 
@@ -91,4 +70,43 @@ def evaluate_loaded(loaded, config: RunConfig, limit: int | None = None, progres
         "eval_tokens": nll["eval_tokens"],
         "seconds": round(time.perf_counter() - start, 1),
         "samples": samples[:5],
+    }
+
+
+def evaluate_routed(loaded, config: RunConfig, adapter: str, limit: int | None = None, progress: bool = True) -> dict:
+    """evaluate_loaded with `--adapter NAME` (one task's adapters for every example) or `auto` (by task prefix)."""
+    routes = task_routes(loaded)
+    if adapter != "auto":
+        route = find_route(routes, adapter)
+        with serving(loaded, route):
+            report = evaluate_loaded(loaded, config, limit, progress)
+        return {**report, "adapter": route.name}
+    if not routes:
+        raise TunesmithError(NO_ROUTES)
+    convs = eval_conversations(config)
+    groups = group_by_route(routes, convs[: limit or config.eval.limit or len(convs)])
+    parts = []
+    for name, group in groups.items():
+        with serving(loaded, find_route(routes, name) if name else None):
+            parts.append((group, evaluate_loaded(loaded, config, None, progress, convs=group)))
+    routing = {name or "(no prefix: all adapters)": len(g) for name, (g, _) in zip(groups, parts)}
+    return _pooled(loaded, config, parts, adapter="auto", routing=routing)
+
+
+def _pooled(loaded, config: RunConfig, parts: list[tuple[list, dict]], **routing) -> dict:
+    """One report from the reports of disjoint groups: score weighted by examples, loss by supervised tokens."""
+    n = sum(len(g) for g, _ in parts)
+    tokens = sum(r["eval_tokens"] for _, r in parts)
+    loss = sum(r["eval_loss"] * r["eval_tokens"] for _, r in parts) / tokens if tokens else float("nan")
+    return {
+        "model": loaded.label,
+        "examples": n,
+        "scorer": config.eval.scorer,
+        "score": round(sum(r["score"] * len(g) for g, r in parts) / n, 4),
+        "eval_loss": round(loss, 5),
+        "perplexity": round(math.exp(loss), 4) if tokens else float("nan"),
+        "eval_tokens": tokens,
+        **routing,
+        "seconds": round(sum(r["seconds"] for _, r in parts), 1),
+        "samples": [s for _, r in parts for s in r["samples"]][:5],
     }

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Iterator
 import torch
 
 from ..errors import TunesmithError
+from ..sizes import parse_size
 
 SAFE_TO_TORCH = {
     "F64": torch.float64,
@@ -171,23 +170,6 @@ class ModelWeights:
 
 
 # ---- writing ------------------------------------------------------------------------------------------
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.I)
-
-
-def parse_size(value: int | str) -> int:
-    """`5GB` -> 5 * 10**9, `500MiB` -> 500 * 2**20, an int is bytes."""
-    if isinstance(value, int):
-        return value
-    m = _SIZE.match(str(value))
-    if not m:
-        raise ValueError(f"{value!r} is not a size; write e.g. 2GB, 500MB, 1GiB or a number of bytes")
-    number, unit = float(m.group(1)), (m.group(2) or "").upper()
-    powers = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
-    prefix = unit.rstrip("B").rstrip("I")
-    base = 1024 if "I" in unit else 1000
-    return int(number * base ** powers[prefix])
-
-
 @dataclass(frozen=True)
 class PlannedTensor:
     name: str
@@ -304,7 +286,3 @@ def save_streaming(folder: str | Path, tensors: dict[str, torch.Tensor], max_sha
     for k, v in tensors.items():
         writer.write(k, v)
     return writer.close()
-
-
-def file_size(path: str | Path) -> int:
-    return os.path.getsize(path)

@@ -138,8 +138,9 @@ def interpolate_gradient(values: Sequence[float] | float, position: float) -> fl
 
 # ---- sparsification ----------------------------------------------------------------------------------
 def keep_count(numel: int, density: float) -> int:
-    """How many entries a `density` share keeps: round(density * numel), halves rounded up."""
-    return min(numel, int(math.floor(density * numel + 0.5)))
+    """How many entries a `density` share keeps: int(density * numel), rounded down as mergekit's
+    `sparsify.magnitude` does, so a TIES merge keeps the same entries as mergekit's on the same inputs."""
+    return min(numel, int(density * numel))
 
 
 def _own(x: Tensor, consume: bool) -> Tensor:
@@ -150,7 +151,7 @@ def _own(x: Tensor, consume: bool) -> Tensor:
 
 
 def magnitude_trim(delta: Tensor, density: float, consume: bool = False) -> Tensor:
-    """Keep the round(density * n) entries of largest magnitude, zero the rest (TIES' trim step).
+    """Keep the int(density * n) entries of largest magnitude, zero the rest (TIES' trim step).
 
     Entries tied in magnitude with the last one kept are all kept, so the result does not depend on
     the order of equal values. With `consume`, `delta` may be overwritten (the engine's saves memory).

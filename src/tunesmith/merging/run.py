@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
+from .. import __version__
 from ..errors import TunesmithError
 from ..outdir import Input, check_target, inputs, staged
 from . import methods
@@ -303,8 +304,6 @@ def _copy_model_files(reference: Path, out: Path, dtype: str) -> list[str]:
 
 
 def _write_spec(spec: MergeSpec, out: Path) -> None:
-    from .. import __version__
-
     header = f"# Written by tunesmith {__version__} `tunesmith merge`: the spec this folder was merged from.\n"
     (out / SPEC_FILE).write_text(header + spec_to_yaml(spec), encoding="utf-8")
 

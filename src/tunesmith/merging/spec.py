@@ -15,18 +15,14 @@ Errors name the key, the bad value and the fix, like the run config's.
 """
 from __future__ import annotations
 
-import difflib
-import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..config import Number, _key_path, parse_override
-from ..errors import TunesmithError
-from ..yamlfile import read_yaml_mapping
-from .io import parse_size
+from ..sizes import parse_size
+from ..yamlfile import Number, YamlSchema, load_validated
 
 METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -223,75 +219,8 @@ _HINTS = {
 }
 
 
-def _spec_fields() -> list[str]:
-    names = []
-    for name, field in MergeSpec.model_fields.items():
-        names.append(field.alias or name)
-    names += [f"models.{n}" for n in ModelEntry.model_fields]
-    return names
-
-
-def _unknown_key_message(path: str) -> str:
-    leaf = path.split(".")[-1]
-    if leaf in _HINTS:
-        hint = _HINTS[leaf]
-        return f"; {hint}" if not hint.startswith("did") else f"; {hint}"
-    plain = re.sub(r"\[\d+\]", "", path)
-    match = difflib.get_close_matches(plain, _spec_fields(), n=1, cutoff=0.5)
-    return f"; did you mean '{match[0]}'?" if match else ""
-
-
-def _format_error(err: ValidationError, source: str) -> str:
-    lines, seen = [], set()
-    for e in err.errors():
-        path = _key_path(e["loc"])
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{path}'{_unknown_key_message(path)}")
-            continue
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "literal_error":
-            msg = f"must be one of {e.get('ctx', {}).get('expected', '')}"
-        if e["type"] == "missing":
-            msg = "is required"
-        if (path, msg) in seen:
-            continue
-        seen.add((path, msg))
-        if not path:
-            lines.append(f"{source}: {msg}")
-        elif e["type"] == "missing":
-            lines.append(f"{source}: {path} {msg}")
-        else:
-            lines.append(f"{source}: {path} = {e.get('input')!r} is invalid: {msg}")
-    return "\n".join(lines)
-
-
-def apply_spec_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`--set lambda=0.8`, `--set models.1.weight=0.5`, `--set t=[0,0.5,1]`: values are parsed as YAML."""
-    for item in overrides:
-        keys, value = parse_override(item)
-        node: Any = raw
-        for depth, k in enumerate(keys):
-            last = depth == len(keys) - 1
-            if isinstance(node, list):
-                if not k.isdigit() or int(k) >= len(node):
-                    raise TunesmithError(f"--set {item}: '{k}' is not an index of a list of {len(node)} entries")
-                idx = int(k)
-                if last:
-                    node[idx] = value
-                else:
-                    if isinstance(node[idx], str):
-                        node[idx] = {"model": node[idx]}
-                    node = node[idx]
-            elif isinstance(node, dict):
-                if last:
-                    node[k] = value
-                else:
-                    if node.get(k) is None:
-                        node[k] = {}
-                    elif not isinstance(node[k], (dict, list)):
-                        raise TunesmithError(f"--set {item}: '{k}' is a value, not a section")
-                    node = node[k]
-    return raw
+SPEC = YamlSchema(MergeSpec, file_word="merge spec", dict_name="merge spec", keys_hint="method, base_model, models",
+                  hints=_HINTS, entry_key="model")
 
 
 def load_merge_spec(source: Union[str, Path, dict, MergeSpec], overrides: Optional[list[str]] = None) -> MergeSpec:
@@ -304,18 +233,7 @@ def load_merge_spec(source: Union[str, Path, dict, MergeSpec], overrides: Option
         if not overrides:
             return source
         source = source.model_dump(by_alias=True, exclude_none=True)
-    base_dir: Optional[Path] = None
-    if isinstance(source, dict):
-        raw, name = dict(source), "merge spec"
-    else:
-        path = Path(source)
-        raw = read_yaml_mapping(path, "merge spec", "method, base_model, models")
-        name, base_dir = str(path), path.parent
-    raw = apply_spec_overrides(raw, list(overrides or []))
-    try:
-        spec = MergeSpec.model_validate(raw)
-    except ValidationError as err:
-        raise TunesmithError(_format_error(err, name)) from None
+    spec, base_dir = load_validated(SPEC, source, overrides)
     if base_dir is not None:
         _resolve_relative(spec, base_dir)
     return spec

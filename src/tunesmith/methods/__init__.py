@@ -1,74 +1,30 @@
-"""Fine-tuning methods: each prepares the model and hands the trainer its optimizer groups and saver.
+"""Fine-tuning methods: one module per method, each declaring one registry entry (method.py, registry.py).
 
-Adding a method means adding a module here and a row in METHODS; the trainer never changes.
+An entry says what the method accepts, how it loads and prepares the model, what it saves, how it exports,
+what its bill counts and what it combines with; config, plan, train, inference and export ask it. Importing
+this package loads no torch: every heavy step is a function of an entry that imports what it needs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from ..config import RunConfig
-from .base import PreparedModel
+from .method import Method
+from .registry import ADVICE, DEFAULT_METHOD, METHODS, get_method
 
+if TYPE_CHECKING:
+    from ..config import RunConfig
+    from .base import PreparedModel
 
-@dataclass(frozen=True)
-class MethodInfo:
-    name: str
-    when: str
-    options: str
-
-
-METHODS: dict[str, MethodInfo] = {
-    m.name: m
-    for m in [
-        MethodInfo("lora", "the default: small adapter, near full-tuning quality on most tasks, fits modest memory",
-                   "r, alpha, dropout, target_modules, rslora, init (default|gaussian|pissa|olora)"),
-        MethodInfo("qlora", "the base does not fit in memory at 16/32 bit: 4-bit NF4 base plus LoRA",
-                   "r, alpha, quant_type, double_quant"),
-        MethodInfo("dora", "LoRA quality is not enough at low rank: learns magnitude and direction separately",
-                   "r, alpha, dropout, target_modules"),
-        MethodInfo("loraplus", "LoRA converges slowly: B learns loraplus_lr_ratio times faster than A",
-                   "r, alpha, loraplus_lr_ratio (16)"),
-        MethodInfo("adalora", "unsure where rank matters: starts at init_r and prunes toward target_r",
-                   "init_r, target_r, tinit, tfinal, delta_t, orth_reg_weight"),
-        MethodInfo("vera", "many adapters to store or serve: only scaling vectors train (tiny files)",
-                   "r (256+ typical), d_initial, target_modules"),
-        MethodInfo("full", "large data and memory to spare, or a big domain shift: every weight trains",
-                   "train.bf16, train.gradient_checkpointing"),
-        MethodInfo("freeze", "cheap partial tuning: only the last K layers or named modules train",
-                   "trainable_layers or trainable_modules"),
-        MethodInfo("galore", "full-parameter quality with low-rank optimizer memory",
-                   "galore_rank, update_proj_gap, galore_scale, galore_optim, target_modules"),
-    ]
-}
+__all__ = ["ADVICE", "DEFAULT_METHOD", "METHODS", "Method", "get_method", "load_kwargs", "prepare_model"]
 
 
 def load_kwargs(config: RunConfig) -> dict:
-    """Extra from_pretrained arguments a method needs (QLoRA loads the base in 4-bit)."""
-    if config.method.name == "qlora":
-        from .qlora import load_kwargs as qlora_kwargs
-
-        return qlora_kwargs(config)
-    return {}
+    """Extra from_pretrained arguments the method needs (QLoRA loads the base in 4-bit)."""
+    return get_method(config.method.name).load_kwargs(config)
 
 
 def prepare_model(model, config: RunConfig, total_steps: int = 0) -> PreparedModel:
-    name = config.method.name
-    if name in ("lora", "dora", "loraplus"):
-        from .lora import prepare_lora
-
-        return prepare_lora(model, config)
-    if name == "qlora":
-        from .qlora import prepare_qlora
-
-        return prepare_qlora(model, config)
-    if name == "vera":
-        from .vera import prepare_vera
-
-        return prepare_vera(model, config)
-    if name == "adalora":
-        from .adalora import prepare_adalora
-
-        return prepare_adalora(model, config, max(total_steps, 1))
-    from .full import prepare_freeze, prepare_full, prepare_galore
-
-    return {"full": prepare_full, "freeze": prepare_freeze, "galore": prepare_galore}[name](model, config)
+    """The method's model, optimizer groups, callbacks and saver; the entry says what the run folder holds."""
+    entry = get_method(config.method.name)
+    return replace(entry.prepare(model, config, total_steps), is_adapter=entry.saves_adapter)

@@ -1,20 +1,23 @@
 """AdaLoRA: SVD-shaped adapters whose total rank is pruned from init_r toward target_r during training.
 
-No trainer calls the rank allocator for you: a callback runs `update_and_allocate` after every
-optimizer step (before the gradients are zeroed, which is when it needs them). PEFT adds the
-orthogonality regulariser to the model's loss in training.
+A callback runs the rank allocation after every optimizer step (adalora_rank.py). PEFT adds the
+orthogonality regulariser to the model's loss inside PeftModel.forward, which the selective loss
+bypasses: AdaLoRA trains with transformers' loss, and takes no loss terms.
 """
 from __future__ import annotations
 
-from transformers import TrainerCallback
+from typing import TYPE_CHECKING
 
-from ..config import RunConfig
 from .base import PreparedModel
-from .lora import all_trainable_group, peft_saver, wrap_peft
+from .lora import all_trainable_group, lora_saves, lora_tensors, peft_saver, wrap_peft
+from .method import AdapterBill, AdapterSaves, Method
+
+if TYPE_CHECKING:
+    from ..config import RunConfig
 
 
 def adalora_config(config: RunConfig, total_steps: int):
-    from peft import AdaLoraConfig
+    from peft import AdaLoraConfig  # heavy: peft imports torch
 
     m = config.method
     tinit = m.tinit
@@ -37,38 +40,49 @@ def adalora_config(config: RunConfig, total_steps: int):
     )
 
 
-class RankAllocationCallback(TrainerCallback):
-    def __init__(self, peft_model):
-        self.peft_model = peft_model
-        self.budgets: list[tuple[int, int]] = []
+def prepare_adalora(model, config: RunConfig, total_steps: int = 0) -> PreparedModel:
+    from .adalora_rank import RankAllocationCallback  # heavy: a transformers TrainerCallback
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        # global_step counts finished steps; this step is about to finish.
-        if self.has_budgeting_phase():
-            self.peft_model.base_model.update_and_allocate(state.global_step + 1)
-        self.budgets.append((state.global_step + 1, total_rank(self.peft_model)))
-
-    def has_budgeting_phase(self) -> bool:
-        """PEFT prunes by importance scores gathered before the final phase; with no step before it (a
-        one-step run) it has none and fails, so such a run keeps init_r."""
-        config = self.peft_model.peft_config["default"]
-        return config.total_step - config.tfinal > 1
-
-
-def total_rank(peft_model) -> int:
-    """Ranks still alive: the allocator's rank pattern once it prunes, init_r per layer before that."""
-    config = peft_model.peft_config["default"]
-    if config.rank_pattern:
-        return int(sum(sum(bool(x) for x in keep) for keep in config.rank_pattern.values()))
-    layers = sum(1 for _, m in peft_model.named_modules() if hasattr(m, "lora_E") and "default" in m.lora_E)
-    return config.init_r * layers
-
-
-def prepare_adalora(model, config: RunConfig, total_steps: int) -> PreparedModel:
-    peft_model = wrap_peft(model, adalora_config(config, total_steps), config)
+    peft_model = wrap_peft(model, adalora_config(config, max(total_steps, 1)), config)
     return PreparedModel(
         model=peft_model,
         param_groups=all_trainable_group(peft_model),
         save=peft_saver(peft_model, None),
         callbacks=[RankAllocationCallback(peft_model)],
     )
+
+
+def check_budget(m) -> None:
+    if m.target_r > m.init_r:
+        raise ValueError(f"method.target_r={m.target_r} must not exceed method.init_r={m.init_r}")
+
+
+def target_r_for_rank(rank: int, defaults) -> dict:
+    """`plan --rank R` starts at init_r = R; the target budget must not exceed it."""
+    return {"target_r": min(rank, defaults.target_r)}
+
+
+def adalora_tensors(r: int, name: str, d_in: int, d_out: int) -> list[int]:
+    return lora_tensors(r, name, d_in, d_out) + [r]  # A, B and the singular values E
+
+
+def adalora_saves(a: AdapterSaves) -> tuple[dict[str, int], bool]:
+    out, keep_input = lora_saves(a)
+    out["adapter low-rank outputs"] += a.rank * a.d_in * a.act_bytes  # A * E
+    return out, keep_input
+
+
+METHOD = Method(
+    name="adalora",
+    when="unsure where rank matters: starts at init_r and prunes toward target_r",
+    key_options="init_r, target_r, tinit, tfinal, delta_t, orth_reg_weight",
+    options=("alpha", "dropout", "target_modules", "rslora", "init_r", "target_r", "tinit", "tfinal", "delta_t",
+             "orth_reg_weight"),
+    prepare=prepare_adalora,
+    check=check_budget,
+    rank_option="init_r",
+    rank_extra=target_r_for_rank,
+    adapter=AdapterBill(formula="init_r x (d_in + d_out) + init_r", tensors=adalora_tensors, saves=adalora_saves),
+    selective_loss=False,
+    warm_imports=("peft",),
+)

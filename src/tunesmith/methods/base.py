@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:  # annotations only: method entries import this module, and config.py imports them
+    import torch
 
 
 @dataclass
@@ -17,7 +18,8 @@ class PreparedModel:
     callbacks: list = field(default_factory=list)
     # Extra TrainingArguments (GaLore picks its optimizer through them).
     training_args: dict = field(default_factory=dict)
-    # Whether the run folder holds an adapter (loaded on top of the base) or a full model.
+    # Whether the run folder holds an adapter (loaded on top of the base) or a full model; prepare_model
+    # sets it from the method's registry entry.
     is_adapter: bool = True
     # Called once the run folder is written (e.g. to remove a temporary initial adapter).
     cleanup: Callable[[], None] | None = None
@@ -25,10 +27,6 @@ class PreparedModel:
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def count_trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in trainable(model))
 
 
 def save_full_model(model: torch.nn.Module) -> Callable[[Path], None]:

@@ -6,6 +6,9 @@ of x (saved by lora_A for its weight gradient) beside the dropout mask. Three pr
 (shared by every projection that reads it), a one-byte mask and the rank-r activation, and rebuilds the
 dropped-out input in backward. Same math, same parameters, same saved adapter: only the forward of PEFT's
 `lora.Linear` is swapped, and only while gradients are on (generation and eval run PEFT's own code).
+
+The swap is an instance attribute over PEFT's class method, installed and removed by one handle
+(`use_fused_lora`), so a model that is saved or served after training runs PEFT's code untouched.
 """
 from __future__ import annotations
 
@@ -98,16 +101,45 @@ def _fused_forward(self, x, *args, **kwargs):
     return result
 
 
-def use_fused_lora(model: torch.nn.Module) -> int:
-    """Route every plain LoRA linear layer of a PEFT model through LoraBranch; returns how many layers."""
+_NO_ATTRIBUTE = object()
+
+
+class FusedLora:
+    """The fused forward installed on a model's plain LoRA layers; `remove()`, or leaving a `with` block,
+    gives each layer back the forward it had before (PEFT's class method: no instance attribute is left)."""
+
+    def __init__(self, layers: list[torch.nn.Module]):
+        self._before = [(layer, layer.__dict__.get("forward", _NO_ATTRIBUTE)) for layer in layers]
+        for layer in layers:
+            layer.forward = types.MethodType(_fused_forward, layer)
+
+    @property
+    def layers(self) -> int:
+        return len(self._before)
+
+    def remove(self) -> None:
+        for layer, before in self._before:
+            if before is _NO_ATTRIBUTE:
+                layer.__dict__.pop("forward", None)
+            else:
+                layer.forward = before
+        self._before = []
+
+    def __enter__(self) -> "FusedLora":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
+
+
+def use_fused_lora(model: torch.nn.Module) -> FusedLora:
+    """Route every plain LoRA linear layer of a PEFT model through LoraBranch, until the handle is removed.
+
+    Checked before anything is swapped, so a refused model is left as it was."""
     from peft.tuners.lora.layer import Linear
 
-    count = 0
-    for module in model.modules():
-        if type(module) is not Linear or module.lora_variant:  # DoRA, bitsandbytes and others keep PEFT's forward
-            continue
-        if any(module.lora_bias.get(n, False) for n in module.lora_A):
-            raise TunesmithError("train.fused_lora does not support LoRA bias; set train.fused_lora: false")
-        module.forward = types.MethodType(_fused_forward, module)
-        count += 1
-    return count
+    # DoRA, bitsandbytes and other variants keep PEFT's forward
+    layers = [m for m in model.modules() if type(m) is Linear and not m.lora_variant]
+    if any(layer.lora_bias.get(n, False) for layer in layers for n in layer.lora_A):
+        raise TunesmithError("train.fused_lora does not support LoRA bias; set train.fused_lora: false")
+    return FusedLora(layers)

@@ -1,25 +1,28 @@
-"""The LoRA family through PEFT: LoRA, rsLoRA, DoRA, LoRA+, and PiSSA/OLoRA initialisation.
+"""LoRA through PEFT, with rsLoRA and PiSSA/OLoRA initialisation; DoRA, LoRA+ and QLoRA build on it.
 
 W x + s * B A x, with A (r x k) the down-projection, B (d x r) the up-projection and s = alpha / r
-(alpha / sqrt(r) with rslora). DoRA re-normalises W0 + s B A per output feature and scales it by a
-trained magnitude vector m (PEFT implements the paper's formula).
+(alpha / sqrt(r) with rslora).
 """
 from __future__ import annotations
 
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Optional
 
-from ..config import RunConfig
 from ..errors import TunesmithError
 from .base import PreparedModel, trainable
+from .method import AdapterBill, AdapterSaves, Method
 
-LORAPLUS_DEFAULT_RATIO = 16.0
+if TYPE_CHECKING:
+    from ..config import RunConfig
+
 INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
+LORA_OPTIONS = ("r", "alpha", "dropout", "target_modules", "rslora", "init", "loraplus_lr_ratio")
 
 
-def lora_config(config: RunConfig):
-    from peft import LoraConfig
+def lora_config(config: RunConfig, use_dora: bool = False):
+    from peft import LoraConfig  # heavy: peft imports torch
 
     m = config.method
     return LoraConfig(
@@ -29,14 +32,14 @@ def lora_config(config: RunConfig):
         lora_dropout=m.dropout,
         target_modules=m.target_modules,
         use_rslora=m.rslora,
-        use_dora=m.name == "dora",
+        use_dora=use_dora,
         init_lora_weights=INIT[m.init],
         bias="none",
     )
 
 
 def wrap_peft(model, peft_config, config: RunConfig):
-    from peft import get_peft_model
+    from peft import get_peft_model  # heavy: peft imports torch
 
     try:
         return get_peft_model(model, peft_config)
@@ -47,14 +50,7 @@ def wrap_peft(model, peft_config, config: RunConfig):
         ) from None
 
 
-def loraplus_ratio(config: RunConfig) -> float | None:
-    m = config.method
-    if m.loraplus_lr_ratio is not None:
-        return m.loraplus_lr_ratio
-    return LORAPLUS_DEFAULT_RATIO if m.name == "loraplus" else None
-
-
-def lora_param_groups(peft_model, ratio: float | None) -> list[dict]:
+def lora_param_groups(peft_model, ratio: Optional[float]) -> list[dict]:
     """LoRA+ (Hayou et al. 2024): B matrices learn `ratio` times faster than A matrices."""
     params = [(n, p) for n, p in peft_model.named_parameters() if p.requires_grad]
     if ratio is None:
@@ -64,7 +60,7 @@ def lora_param_groups(peft_model, ratio: float | None) -> list[dict]:
     return [{"params": rest, "lr_scale": 1.0, "name": "lora_A"}, {"params": b, "lr_scale": ratio, "name": "lora_B"}]
 
 
-def peft_saver(peft_model, initial_adapter: Path | None):
+def peft_saver(peft_model, initial_adapter: Optional[Path]):
     """PiSSA/OLoRA change the base weights; converting at save makes the adapter apply to the original base."""
 
     def save(out: Path) -> None:
@@ -76,8 +72,10 @@ def peft_saver(peft_model, initial_adapter: Path | None):
     return save
 
 
-def prepare_lora(model, config: RunConfig) -> PreparedModel:
-    peft_model = wrap_peft(model, lora_config(config), config)
+def prepare_lora(model, config: RunConfig, total_steps: int = 0, use_dora: bool = False,
+                 default_ratio: Optional[float] = None) -> PreparedModel:
+    """LoRA on `model`; `default_ratio` is the LoRA+ ratio when method.loraplus_lr_ratio is not set."""
+    peft_model = wrap_peft(model, lora_config(config, use_dora), config)
     initial = None
     if config.method.init in ("pissa", "olora"):
         initial = Path(tempfile.mkdtemp(prefix="tunesmith-initial-adapter-"))
@@ -85,9 +83,10 @@ def prepare_lora(model, config: RunConfig) -> PreparedModel:
         peft_model.peft_config["default"].init_lora_weights = True
         peft_model.save_pretrained(initial)
         peft_model.peft_config["default"].init_lora_weights = INIT[config.method.init]
+    ratio = config.method.loraplus_lr_ratio if config.method.loraplus_lr_ratio is not None else default_ratio
     return PreparedModel(
         model=peft_model,
-        param_groups=lora_param_groups(peft_model, loraplus_ratio(config)),
+        param_groups=lora_param_groups(peft_model, ratio),
         save=peft_saver(peft_model, initial),
         cleanup=(lambda: shutil.rmtree(initial, ignore_errors=True)) if initial else None,
     )
@@ -95,3 +94,39 @@ def prepare_lora(model, config: RunConfig) -> PreparedModel:
 
 def all_trainable_group(model) -> list[dict]:
     return [{"params": trainable(model), "lr_scale": 1.0}]
+
+
+def lora_tensors(r: int, name: str, d_in: int, d_out: int) -> list[int]:
+    return [r * d_in, d_out * r]  # A and B
+
+
+def lora_saves(a: AdapterSaves) -> tuple[dict[str, int], bool]:
+    """PEFT's chain dropout -> lora_A -> lora_B, or train.fused_lora's one Function per layer."""
+    T, out = a.tokens, {}
+    if a.fused:
+        # x (shared with every projection that reads it), a one-byte mask, A x
+        if a.dropout:
+            out["adapter dropout masks"] = T * a.d_in
+        out["adapter low-rank outputs"] = T * a.rank * a.act_bytes
+        return out, True
+    if a.dropout:
+        out["adapter dropout outputs"] = T * a.d_in * a.act_bytes  # lora_A saves its (dropped-out) input
+        if a.input_needs_grad:
+            out["adapter dropout masks"] = T * a.d_in * a.mask_bytes
+    out["adapter low-rank outputs"] = T * a.rank * a.act_bytes  # lora_B saves A x
+    return out, not a.dropout  # without dropout lora_A saves the input itself
+
+
+LORA_BILL = AdapterBill(formula="r x (d_in + d_out)", tensors=lora_tensors, saves=lora_saves, qv_note=True)
+
+METHOD = Method(
+    name="lora",
+    when="the default: small adapter, near full-tuning quality on most tasks, fits modest memory",
+    key_options="r, alpha, dropout, target_modules, rslora, init (default|gaussian|pissa|olora)",
+    options=LORA_OPTIONS,
+    prepare=prepare_lora,
+    adapter=LORA_BILL,
+    stacks=True,
+    fused_lora=True,
+    warm_imports=("peft",),
+)

@@ -12,10 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Union
 
-from ..config import MethodConfig
+from ..config import MethodConfig, load_config
 from ..errors import TunesmithError
-from .bill import GiB, MiB, PRECISIONS, Bill, Setup, compute_bill, fmt_bytes, parse_size, trainable_count
+from ..methods import DEFAULT_METHOD, METHODS, get_method
+from ..sizes import GiB, MiB, fmt_bytes, parse_size
+from .bill import Bill, compute_bill
+from .setup import PRECISIONS, SELECTIVE_LOSS, Setup
 from .spec import ModelSpec, load_spec
+from .trainable import trainable_count
 
 __all__ = ["plan", "compute_bill", "Setup", "Bill", "load_spec", "ModelSpec", "trainable_count", "parse_size",
            "fmt_bytes", "auto_device", "auto_precision", "method_config", "GiB", "MiB"]
@@ -37,30 +41,29 @@ def auto_precision(device: str) -> str:
     return "amp" if " amx_tile" in flags else "fp32"
 
 
-def method_config(method: str = "lora", rank: Optional[int] = None, targets: Optional[list[str]] = None,
+def method_config(method: str = DEFAULT_METHOD, rank: Optional[int] = None, targets: Optional[list[str]] = None,
                   **options) -> MethodConfig:
-    """A validated MethodConfig; `rank` is r (LoRA family, VeRA), init_r (AdaLoRA) or galore_rank."""
+    """A validated MethodConfig; `rank` sets the option the method's registry entry names (r for the LoRA
+    family and VeRA, init_r for AdaLoRA, galore_rank for GaLore), and alpha = 2 x rank where it takes one."""
     fields: dict = {"name": method, **{k: v for k, v in options.items() if v is not None}}
-    if rank is not None:
-        key = {"adalora": "init_r", "galore": "galore_rank"}.get(method, "r")
-        if method in ("full", "freeze"):
-            raise TunesmithError(f"--rank does not apply to method {method}: it trains the weights themselves")
-        fields[key] = rank
-        if method == "adalora":
-            fields.setdefault("target_r", min(rank, MethodConfig().target_r))
-        if method in ("lora", "dora", "qlora", "loraplus", "adalora") and "alpha" not in options:
+    entry = METHODS.get(method)  # an unknown name is left to the config's error, which lists the methods
+    if rank is not None and entry is not None:
+        if entry.rank_option is None:
+            raise TunesmithError(f"--rank does not apply to method {method}: {entry.no_rank}")
+        fields[entry.rank_option] = rank
+        for key, value in (entry.rank_extra(rank, MethodConfig()) if entry.rank_extra else {}).items():
+            fields.setdefault(key, value)
+        if entry.takes_alpha and "alpha" not in options:
             fields["alpha"] = 2 * rank
     if targets:
         fields["target_modules"] = list(targets)
-    from ..config import load_config
-
     # validated as a recipe's `method` section, so errors name method.<key>, the value and the fix
     return load_config({"data": {"train": "(plan)"}, "method": fields}).method
 
 
 def plan(
     model: Union[str, dict, ModelSpec] = "smollm2-135m-instruct",
-    method: Union[str, MethodConfig] = "lora",
+    method: Union[str, MethodConfig] = DEFAULT_METHOD,
     *,
     rank: Optional[int] = None,
     targets: Optional[list[str]] = None,
@@ -73,18 +76,18 @@ def plan(
     devices: int = 1,
     zero: int = 0,
     device: str = "auto",
-    loss: str = "selective",
+    loss: str = SELECTIVE_LOSS,
     layout: str = "padding_free",
     budget=None,
     **method_options,
 ) -> Bill:
-    """The memory bill of one training setup (see tunesmith.planning.bill for every line's formula)."""
+    """The memory bill of one training setup (see tunesmith.planning.lines for every line's formula)."""
     dev = auto_device() if device == "auto" else device
     prec = auto_precision(dev) if precision == "auto" else precision
     if prec not in PRECISIONS:
         raise TunesmithError(f"precision '{precision}': use auto, {', '.join(PRECISIONS)}")
     m = method if isinstance(method, MethodConfig) else method_config(method, rank, targets, **method_options)
     setup = Setup(seq_len=seq_len, batch=batch, grad_accum=grad_accum, precision=prec, checkpointing=checkpointing,
-                  optimizer="galore" if m.name == "galore" else optimizer, devices=devices, zero=zero, loss=loss,
+                  optimizer=get_method(m.name).optimizer or optimizer, devices=devices, zero=zero, loss=loss,
                   layout=layout, device=dev)
     return compute_bill(model, m, setup, budget=budget)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib
-import os
 import re
 import shutil
 import statistics
@@ -33,10 +32,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 from ..config import RunConfig
-from .bill import Bill, MiB, Setup, compute_bill, fmt_bytes
+from ..data.assemble import prepare_data
+from ..methods import get_method, load_kwargs, prepare_model
+from ..models import load_model, load_tokenizer
+from ..sizes import MiB, fmt_bytes
+from .bill import Bill, compute_bill
+from .setup import FULL_LOSS, SELECTIVE_LOSS, Setup
+from .spec import load_spec
 
 M_MMAP_THRESHOLD = -3
 LIVE_THRESHOLD = 64 * 1024
@@ -173,18 +179,9 @@ def _preimport(config: RunConfig) -> None:
 
     from ..training.trainer import MethodTrainer  # noqa: F401
 
-    name = config.method.name
-    if name in ("lora", "dora", "qlora", "vera", "adalora", "loraplus"):
-        import peft  # noqa: F401
-        from peft import get_peft_model  # noqa: F401
-    if name == "qlora":
-        import bitsandbytes  # noqa: F401
-        from peft import prepare_model_for_kbit_training  # noqa: F401
-    if name == "galore":
-        import galore_torch  # noqa: F401
+    for module in get_method(config.method.name).warm_imports:  # peft, bitsandbytes, galore_torch
+        importlib.import_module(module)
     try:
-        from .spec import load_spec
-
         mt = load_spec(config.model).model_type
         importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
     except Exception:  # noqa: BLE001 - only a warm-up
@@ -230,13 +227,8 @@ def measure(
     """
     import torch
     from transformers import TrainerCallback
-    from transformers.trainer_callback import PrinterCallback
 
-    from ..data.collate import PaddingCollator, PaddingFreeCollator
-    from ..methods import load_kwargs, prepare_model
-    from ..models import load_model
-    from ..training.run import ExampleDataset, training_arguments, use_fast_path, use_selective_loss
-    from ..training.trainer import MethodTrainer
+    from ..training.run import build_trainer, use_fast_path
 
     cuda = torch.cuda.is_available()
     notes: list[str] = []
@@ -274,10 +266,6 @@ def measure(
             seq_len = max(lengths) if not config.train.padding_free else -(-sum(lengths) // len(lengths))
             padded = batch > 1 and len(set(lengths)) > 1
 
-        class _Ex:
-            def __init__(self, d):
-                self.input_ids, self.labels = d["input_ids"], d["labels"]
-
         times: list[float] = []
 
         class Timer(TrainerCallback):
@@ -287,20 +275,8 @@ def measure(
             def on_step_end(self, args, state, control, **kw):
                 times.append(time.perf_counter() - self.t)
 
-        pad_id = getattr(model.config, "pad_token_id", None)
-        args = training_arguments(cfg, Path(out), False, prepared.training_args)
-        selective = use_selective_loss(cfg, prepared.model)
-        trainer = MethodTrainer(  # as tunesmith.train builds it (regularisers' loss terms are not in the bill)
-            model=prepared.model,
-            args=args,
-            param_groups=prepared.param_groups,
-            train_dataset=ExampleDataset([_Ex(d) for d in data]),
-            data_collator=PaddingFreeCollator() if cfg.train.padding_free
-            else PaddingCollator(pad_id if pad_id is not None else 0),
-            callbacks=[Timer(), *prepared.callbacks],
-            selective_loss=selective,
-        )
-        trainer.remove_callback(PrinterCallback)
+        # as tunesmith.train builds it (regularisers' loss terms are not in the bill)
+        trainer = build_trainer(cfg, prepared, Path(out), [SimpleNamespace(**d) for d in data], callbacks=[Timer()])
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -324,7 +300,7 @@ def measure(
     s.padded = padded
     s.layout = "padding_free" if config.train.padding_free else "padded"
     s.fused_lora = config.train.fused_lora
-    s.loss = "selective" if selective else "full"
+    s.loss = SELECTIVE_LOSS if trainer.selective_loss else FULL_LOSS
     if examples is not None:
         sup = sum(sum(1 for l in d["labels"][1:] if l != -100) for d in data) / len(data)
         s.supervised_share = min(1.0, max(sup, 1.0) / max(1, seq_len - 1))
@@ -354,12 +330,9 @@ def measure(
 def dry_run(config: RunConfig, *, steps: int = 2, live_memory: bool = True) -> dict:
     """`tunesmith train RECIPE --dry-run`: data stats, the bill for the longest batch, measured peak
     memory and time per step over `steps` real steps on the longest examples; writes no run."""
-    from ..data.dataset import prepare_data
-    from ..models import load_tokenizer
-
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    data = prepare_data(config, tokenizer)
-    stats = {"train": data.train_stats.as_dict(), "eval": data.eval_stats.as_dict()}
+    data = prepare_data(config, tokenizer)  # what train would train on: task prefixes, mixing and replay included
+    stats = data.stats()
     t = config.train
     accum = min(t.grad_accum, 2)
     need = steps * t.batch_size * accum

@@ -21,12 +21,17 @@ from typing import Optional
 import yaml
 
 from ..config import MethodConfig, load_config
-from .bill import Bill, GiB, Setup, compute_bill, fmt_bytes, parse_size
+from ..methods import full, galore, get_method, lora, qlora
+from ..sizes import fmt_bytes
+from .bill import Bill, compute_bill, parse_budget
+from .configs import recipe_model_ref
+from .setup import Setup
 from .spec import load_spec
 
 MICRO_BATCHES = (8, 4, 2, 1)
 EFFECTIVE_BATCH = 16
-LR = {"full": 1e-5, "lora": 2e-4, "qlora": 2e-4, "galore": 1e-4}
+# the guide's tree names these four methods; everything else about them comes from their registry entries
+FULL, LORA, QLORA, GALORE = (module.METHOD.name for module in (full, lora, qlora, galore))
 
 
 @dataclass
@@ -98,19 +103,19 @@ def recommend(model, budget, *, seq_len: int = 2048, multi_task: bool = False, p
               device: str = "cpu", devices: int = 1, zero: int = 0, headroom: float = 0.10,
               data_path: str = "data/train.jsonl") -> Recommendation:
     spec = load_spec(model)
-    budget_b = parse_size(budget)
+    budget_b = parse_budget(budget)
     limit = int(budget_b * (1 - headroom))
     base = Setup(seq_len=seq_len, precision=precision, device=device, devices=devices, zero=zero)
     ranks_lora = (64, 32, 16) if multi_task else (16, 8)
     ranks_qlora = (16, 8) if multi_task else (8,)
     tree: list[tuple[str, MethodConfig]] = []
     if not multi_task:
-        tree.append(("full fine-tuning", MethodConfig(name="full")))
-    tree += [(f"lora r={r}", MethodConfig(name="lora", r=r, alpha=2 * r)) for r in ranks_lora]
-    tree += [(f"qlora r={r}", MethodConfig(name="qlora", r=r, alpha=2 * r)) for r in ranks_qlora]
-    extras = [("galore rank 128", MethodConfig(name="galore", galore_rank=128))]
+        tree.append(("full fine-tuning", MethodConfig(name=FULL)))
+    tree += [(f"lora r={r}", MethodConfig(name=LORA, r=r, alpha=2 * r)) for r in ranks_lora]
+    tree += [(f"qlora r={r}", MethodConfig(name=QLORA, r=r, alpha=2 * r)) for r in ranks_qlora]
+    extras = [("galore rank 128", MethodConfig(name=GALORE, galore_rank=128))]
     if multi_task:
-        extras.insert(0, ("full fine-tuning", MethodConfig(name="full")))
+        extras.insert(0, ("full fine-tuning", MethodConfig(name=FULL)))
     rec = Recommendation(spec.name, budget_b, headroom, None)
     for label, m in tree + extras:
         fit, smallest = _best_setup(spec, m, base, limit)
@@ -121,7 +126,7 @@ def recommend(model, budget, *, seq_len: int = 2048, multi_task: bool = False, p
         elif fit is not None:
             why = (f"fits ({fmt_bytes(fit.total)} with {_describe(fit)}), but the tree prefers {rec.chosen.label}"
                    if rec.chosen else f"fits ({fmt_bytes(fit.total)})")
-            if label.startswith("full") and multi_task:
+            if m.name == FULL and multi_task:
                 why = (f"fits ({fmt_bytes(fit.total)}), but for several tasks one adapter per task keeps them apart "
                        "and mergeable; the guide's tree picks LoRA")
             opt = Option(label, m, fit, True, why)
@@ -138,14 +143,13 @@ def recommend(model, budget, *, seq_len: int = 2048, multi_task: bool = False, p
 
 def _recipe(spec_ref: str, option: Option, seq_len: int, data_path: str, precision: str) -> dict:
     m = option.method
+    entry = get_method(m.name)
     s = option.bill.setup
     method: dict = {"name": m.name}
-    if m.name in ("lora", "qlora"):
-        method.update({"r": m.r, "alpha": m.alpha, "dropout": m.dropout, "target_modules": m.target_modules})
-    if m.name == "galore":
-        method["galore_rank"] = m.galore_rank
-    from .configs import recipe_model_ref
-
+    if entry.rank_option is not None:
+        method[entry.rank_option] = getattr(m, entry.rank_option)
+    if entry.takes_alpha:
+        method.update({"alpha": m.alpha, "dropout": m.dropout, "target_modules": m.target_modules})
     recipe = {
         "model": recipe_model_ref(spec_ref),
         "data": {"train": data_path, "max_length": seq_len},
@@ -153,7 +157,7 @@ def _recipe(spec_ref: str, option: Option, seq_len: int, data_path: str, precisi
         "train": {
             "batch_size": s["batch"],
             "grad_accum": s["grad_accum"],
-            "lr": LR.get(m.name, 2e-4),
+            "lr": entry.lr,
             "gradient_checkpointing": s["checkpointing"],
             "bf16": precision != "fp32",
         },

@@ -5,7 +5,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .bill import Bill, fmt_bytes, fmt_count
+from ..sizes import fmt_bytes
+from .bill import Bill
 
 
 def print_bill(console: Console, bill: Bill, explain: bool = False) -> None:
@@ -65,4 +66,4 @@ def print_measurement(console: Console, m) -> None:
         console.print(f"[dim]note:[/] {note}", highlight=False)
 
 
-__all__ = ["print_bill", "print_recommendation", "print_measurement", "fmt_count"]
+__all__ = ["print_bill", "print_recommendation", "print_measurement"]

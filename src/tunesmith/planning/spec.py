@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from ..errors import TunesmithError
+from ..models import BUILTIN_MODELS, builtin_cache_dir
 from .configs import bundled_config, bundled_names
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "gemma2", "phi3")
@@ -208,8 +209,6 @@ def load_spec(model: Union[str, Path, dict, ModelSpec]) -> ModelSpec:
         if not (path / "config.json").is_file():
             raise TunesmithError(f"model: folder '{ref}' has no config.json")
         return spec_from_config(_read_json(path / "config.json"), name=ref)
-    from ..models import BUILTIN_MODELS, builtin_cache_dir
-
     if ref in BUILTIN_MODELS and (builtin_cache_dir(ref) / "config.json").is_file():
         return spec_from_config(_read_json(builtin_cache_dir(ref) / "config.json"), name=ref)
     if ref.count("/") == 1 and not ref.startswith((".", "/", "~")):

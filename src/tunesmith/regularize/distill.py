@@ -25,6 +25,7 @@ import torch
 
 from ..data.collate import packed_kwargs
 from ..data.masking import IGNORE_INDEX
+from ..methods.adapter_stack import using_adapters
 from ..modeling import causal_lm, decoder_body
 
 DEFAULT_CHUNK_ROWS = 512
@@ -101,18 +102,6 @@ def micro_batch_share(inputs: dict) -> float:
     return count / float(n)
 
 
-@contextlib.contextmanager
-def _only_adapters(model, names: list[str]):
-    from ..continual import activate
-
-    before = list(model.base_model.active_adapters)
-    activate(model, names)
-    try:
-        yield
-    finally:
-        activate(model, before)
-
-
 class DistillTerm:
     """A MethodTrainer loss term: (1 - alpha) * (KD - SFT), so the loss becomes alpha * SFT + (1 - alpha) * KD."""
 
@@ -134,7 +123,7 @@ class DistillTerm:
         if not self.uses_adapters:
             return contextlib.nullcontext()
         if self.teacher_adapters:
-            return _only_adapters(self.model, self.teacher_adapters)
+            return using_adapters(self.model, self.teacher_adapters)
         return self.model.disable_adapter()
 
     @torch.no_grad()

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..data.masking import IGNORE_INDEX, TokenizedExample
+from ..data.mixing import source_examples
 from ..errors import TunesmithError
 from .distill import micro_batch_share
 
@@ -120,8 +121,6 @@ def load_ewc(path: Path) -> tuple[dict, dict]:
 
 def reference_examples(config, tokenizer) -> list[TokenizedExample]:
     """`ewc.samples` examples of the reference data, chosen by the run's seed."""
-    from .replay import source_examples
-
     e = config.regularize.ewc
     sources = e.reference if isinstance(e.reference, list) else [e.reference]
     pool = [x for src in sources for x in source_examples(src, tokenizer, config, e.chunk_tokens)]

@@ -14,6 +14,8 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from ..modeling import causal_lm
+
 NAME = "tunesmith_packed"
 
 
@@ -40,8 +42,6 @@ AttentionMaskInterface.register(NAME, sdpa_mask)
 
 def use_packed_attention(model: torch.nn.Module) -> str | None:
     """Switch a model that runs sdpa to the packed variant; returns the implementation to restore, or None."""
-    from ..modeling import causal_lm
-
     lm = causal_lm(model)
     current = getattr(lm.config, "_attn_implementation", None)
     if current != "sdpa":
@@ -52,6 +52,4 @@ def use_packed_attention(model: torch.nn.Module) -> str | None:
 
 def restore_attention(model: torch.nn.Module, previous: str | None) -> None:
     if previous is not None:
-        from ..modeling import causal_lm
-
         causal_lm(model).set_attn_implementation(previous)

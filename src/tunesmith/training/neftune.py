@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import torch
 
+from ..modeling import decoder_body
+
 
 class NEFTune:
     def __init__(self, model: torch.nn.Module, alpha: float):
-        from ..modeling import decoder_body
-
         self.alpha = alpha
         self.embedding = model.get_input_embeddings()
         self.lengths: torch.Tensor | None = None

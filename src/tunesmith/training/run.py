@@ -3,23 +3,25 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..config import RunConfig
 from ..data.collate import PaddingCollator, PaddingFreeCollator
-from ..data.dataset import PreparedData, prepare_data
+from ..data.assemble import prepare_data
+from ..data.dataset import PreparedData
 from ..device import use_bf16
+from ..methods import get_method, prepare_model
 from ..methods import load_kwargs as method_load_kwargs
-from ..methods import prepare_model
+from ..methods.adapter_stack import attach_previous, merge_previous_into_base, save_previous
 from ..methods.fused_lora import use_fused_lora
 from ..modeling import supports_selective_loss
 from ..models import load_model, load_tokenizer
-from .. import continual
 from ..regularize import build_loss_terms
-from ..regularize.replay import mix_stats, prepare_training_data
 from ..outdir import check_target, in_place
 from ..rundir import (
     DATA_STATS_FILE, METRICS_FILE, SUMMARY_FILE, last_checkpoint, resume_checkpoint, run_inputs, write_config, write_json,
@@ -49,8 +51,10 @@ class ExampleDataset(torch.utils.data.Dataset):
 
 
 def use_selective_loss(config: RunConfig, model) -> bool:
-    # AdaLoRA adds its orthogonality regulariser inside PeftModel.forward, which this path bypasses.
-    return config.train.selective_loss and config.method.name != "adalora" and supports_selective_loss(model)
+    """The chunked selective loss, unless the method's entry opts out (AdaLoRA: its regulariser lives in
+    PeftModel.forward, which this path bypasses) or the model is one it cannot run."""
+    return (config.train.selective_loss and get_method(config.method.name).selective_loss
+            and supports_selective_loss(model))
 
 
 def planned_steps(config: RunConfig, n_examples: int) -> int:
@@ -62,13 +66,16 @@ def planned_steps(config: RunConfig, n_examples: int) -> int:
     return max(1, math.ceil(per_epoch * t.epochs))
 
 
-def use_fast_path(prepared, config: RunConfig):
+def use_fast_path(prepared, config: RunConfig) -> Callable[[], None]:
     """The default training path on a prepared model: fused LoRA branches and per-example attention in
-    padding-free rows (each behind its switch). Returns the undo, for a model that is saved or served after."""
-    if config.train.fused_lora and prepared.is_adapter:
-        use_fused_lora(prepared.model)
-    previous = use_packed_attention(prepared.model) if config.train.padding_free else None
-    return lambda: restore_attention(prepared.model, previous)
+    padding-free rows (each behind its switch). Returns one undo for both, for a model that is saved or
+    served after (PEFT's forward and the model's attention again); a step that fails undoes the ones before."""
+    with ExitStack() as undo:
+        if config.train.fused_lora and prepared.is_adapter:
+            undo.enter_context(use_fused_lora(prepared.model))
+        if config.train.padding_free:
+            undo.callback(restore_attention, prepared.model, use_packed_attention(prepared.model))
+        return undo.pop_all().close
 
 
 def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, extra: dict | None = None):
@@ -111,6 +118,42 @@ def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, extr
     )
 
 
+def build_trainer(config: RunConfig, prepared, output_dir: Path, train_examples: list, *,
+                  eval_examples: list | None = None, ordered: bool = False, tokenizer=None,
+                  callbacks: list | None = None, loss_terms=None) -> MethodTrainer:
+    """The MethodTrainer `tunesmith train` runs, also built by `plan --measure`, so that what is measured
+    is what trains: arguments, collator, selective loss and the method's callbacks and parameter groups.
+
+    `ordered` data (mixed, replay) is read in the order given. The padding id comes from `tokenizer`, else
+    the model's config (a measurement loads no tokenizer; padding-free rows never pad). `callbacks` run
+    before the method's own.
+    """
+    from transformers.trainer_callback import PrinterCallback
+
+    args = training_arguments(config, output_dir, bool(eval_examples), prepared.training_args)
+    if ordered:
+        args.train_sampling_strategy = "sequential"  # mixed data is already in its exact, evenly spread order
+    if config.train.padding_free:
+        collator = PaddingFreeCollator()
+    else:
+        pad_id = getattr(tokenizer if tokenizer is not None else prepared.model.config, "pad_token_id", None)
+        collator = PaddingCollator(pad_id if pad_id is not None else 0)
+    trainer = MethodTrainer(
+        model=prepared.model,
+        args=args,
+        param_groups=prepared.param_groups,
+        train_dataset=ExampleDataset(train_examples),
+        eval_dataset=ExampleDataset(eval_examples) if eval_examples else None,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[*(callbacks or []), *prepared.callbacks],
+        selective_loss=use_selective_loss(config, prepared.model),
+        loss_terms=loss_terms,
+    )
+    trainer.remove_callback(PrinterCallback)  # our progress bar and metrics.jsonl replace its raw prints
+    return trainer
+
+
 def train(
     config: RunConfig,
     *,
@@ -138,7 +181,7 @@ def train(
                  "--resume to continue it, or --output-dir to write elsewhere")
     set_seed(config.train.seed)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
-    data = data or prepare_training_data(config, tokenizer)  # prepare_data + task prefixes, weighted mixing, replay
+    data = data or prepare_data(config, tokenizer)
     if checkpoint is not None:
         return _fit(config, out, tokenizer, data, checkpoint, progress)
     with in_place(out, keep_partial=lambda folder: last_checkpoint(folder) is not None):
@@ -147,40 +190,25 @@ def train(
 
 def _fit(config: RunConfig, out: Path, tokenizer, data: PreparedData, checkpoint: Path | None, progress: bool) -> TrainResult:
     """Load and prepare the model, train it into `out` (from `checkpoint` when resuming) and write the run."""
-    from transformers.trainer_callback import PrinterCallback
-
     write_config(out, config)
-    write_json(out / DATA_STATS_FILE, {"train": data.train_stats.as_dict(), "eval": data.eval_stats.as_dict(), **mix_stats(data)})
+    write_json(out / DATA_STATS_FILE, data.stats())
 
     model = load_model(config.model, trust_remote_code=config.trust_remote_code, **method_load_kwargs(config))
     model.config.use_cache = False
     if config.continual.previous:  # earlier runs' adapters: merged into the base, or loaded beside the new one
-        model = continual.merge_previous_into_base(model, config)
+        model = merge_previous_into_base(model, config)
     prepared = prepare_model(model, config, total_steps=planned_steps(config, len(data.train)))
     model = prepared.model
     if config.continual.previous:
-        continual.attach_previous(prepared, config)
+        attach_previous(prepared, config)
     undo_fast_path = use_fast_path(prepared, config)
     loss_terms, regularize_info = build_loss_terms(config, model, tokenizer, data, out, resume=checkpoint is not None)
     neftune = NEFTune(model, config.train.neftune_alpha) if config.train.neftune_alpha else None
 
     progress_cb = ProgressCallback(enabled=progress)
-    args = training_arguments(config, out, bool(data.eval), prepared.training_args)
-    if getattr(data, "ordered", False):
-        args.train_sampling_strategy = "sequential"  # mixed data is already in its exact, evenly spread order
-    trainer = MethodTrainer(
-        model=model,
-        args=args,
-        param_groups=prepared.param_groups,
-        train_dataset=ExampleDataset(data.train),
-        eval_dataset=ExampleDataset(data.eval) if data.eval else None,
-        data_collator=PaddingFreeCollator() if config.train.padding_free else PaddingCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
-        callbacks=[progress_cb, MetricsFileCallback(out / METRICS_FILE, progress_cb), *prepared.callbacks],
-        selective_loss=use_selective_loss(config, model),
-        loss_terms=loss_terms,
-    )
-    trainer.remove_callback(PrinterCallback)  # our progress bar and metrics.jsonl replace its raw prints
+    trainer = build_trainer(config, prepared, out, data.train, eval_examples=data.eval, ordered=data.ordered,
+                            tokenizer=tokenizer, loss_terms=loss_terms,
+                            callbacks=[progress_cb, MetricsFileCallback(out / METRICS_FILE, progress_cb)])
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     elapsed = time.perf_counter() - start
@@ -191,7 +219,7 @@ def _fit(config: RunConfig, out: Path, tokenizer, data: PreparedData, checkpoint
     prepared.save(out)
     tokenizer.save_pretrained(out)
     if config.continual.previous:
-        continual.save_previous(out, config)
+        save_previous(out, config)
     if prepared.cleanup:
         prepared.cleanup()
     summary = {

@@ -10,14 +10,34 @@ from ..modeling import causal_lm, decoder_body
 from .loss import selective_cross_entropy
 
 
-class MethodTrainer(Trainer):
+class SupervisedTokenCount:
+    """The one private Trainer hook tunesmith overrides, kept here alone: `Trainer._get_num_items_in_batch`.
+
+    Written against transformers 5.24, where `Trainer.get_batch_samples` calls
+    `_get_num_items_in_batch(self, batch_samples, device)` once per optimizer step with all its micro batches,
+    and the loss sum is divided by what it returns. With selective loss that must be the supervised
+    next-token targets of the whole accumulated batch. tests/test_trainer_hooks.py fails if a transformers
+    release renames the hook, changes its parameters, or stops calling it in the training loop.
+    """
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        """Supervised next-token targets in the accumulated batch (labels shifted, as the loss sees them)."""
+        if not self.selective_loss:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        count = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batch_samples if "labels" in b)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            count = int(self.accelerator.gather(torch.tensor(count, device=device)).sum())
+        return count
+
+
+class MethodTrainer(SupervisedTokenCount, Trainer):
     """Trainer whose optimizer comes from the method's parameter groups and whose loss skips prompt logits.
 
     - Each group's lr is the base lr times its `lr_scale` (LoRA+ gives B matrices a larger one).
       Methods that pick their optimizer through TrainingArguments (GaLore) pass no groups.
     - With `selective_loss`, the decoder body runs once and only supervised positions reach the
-      lm_head, in chunks (train/loss.py). The sum is divided by the supervised tokens of the whole
-      accumulated batch, so gradient accumulation gives the same gradient as one big batch.
+      lm_head, in chunks (training/loss.py). The sum is divided by the supervised tokens of the whole
+      accumulated batch (SupervisedTokenCount), so gradient accumulation gives the same gradient as one big batch.
     - `loss_terms` are extra differentiable terms (regularisers) added to the loss in training.
     """
 
@@ -47,15 +67,6 @@ class MethodTrainer(Trainer):
             groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, foreach=True
         )
         return self.optimizer
-
-    def _get_num_items_in_batch(self, batch_samples, device):
-        """Supervised next-token targets in the accumulated batch (labels shifted, as the loss sees them)."""
-        if not self.selective_loss:
-            return super()._get_num_items_in_batch(batch_samples, device)
-        count = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batch_samples if "labels" in b)
-        if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            count = int(self.accelerator.gather(torch.tensor(count, device=device)).sum())
-        return count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "position_ids" in inputs:

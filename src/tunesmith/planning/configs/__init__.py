@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...models import BUILTIN_MODELS
+
 
 def _decoder(model_type, hidden, inter, layers, heads, kv, vocab, tied) -> dict[str, Any]:
     return {
@@ -157,8 +159,6 @@ CANONICAL_HUB_ID: dict[str, str] = {
 
 def recipe_model_ref(ref: str) -> str:
     """What a recipe should name: built-in names, paths and hub ids as given; bundled names as hub ids."""
-    from ...models import BUILTIN_MODELS
-
     if ref in BUILTIN_MODELS or "/" in ref:
         return ref
     key = ALIASES.get(ref.strip().lower(), ref.strip().lower())

@@ -26,6 +26,7 @@ RECIPES = {
     "freeze": "recipes/freeze.yaml",
     "full": "recipes/full.yaml",
     "galore": "recipes/galore.yaml",
+    "ia3": "recipes/ia3.yaml",
 }
 
 CHILD = r"""

@@ -33,3 +33,28 @@ def build_tiny_llama(out: Path, tokenizer, hidden: int = 64, layers: int = 2, se
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def invoke(*args, input: str | None = None):
+    """Run the `tunesmith` CLI in-process; stdout and stderr stay apart."""
+    from typer.testing import CliRunner
+
+    from tunesmith.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], input=input)
+
+
+def ok(result) -> str:
+    assert result.exit_code == 0, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}\n{result.exception!r}"
+    return result.stdout
+
+
+def fails(result, *fragments: str) -> str:
+    """Exit 1 through SystemExit, one line on stderr holding every fragment, no traceback anywhere."""
+    assert result.exit_code == 1, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, f"{fragment!r} not in stderr: {result.stderr}"
+    return result.stderr

@@ -9,35 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from tunesmith.cli import app
-
-from helpers import write_jsonl
+from helpers import fails, invoke, ok, write_jsonl
 
 IM_END = "<|im_end|>"
 ROLE_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 NO_ROLES_TEMPLATE = "{% for m in messages %}{{ m['content'] }}<|im_end|>\n{% endfor %}"
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(result) -> str:
-    assert result.exit_code == 0, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}\n{result.exception!r}"
-    return result.stdout
-
-
-def fails(result, *fragments: str) -> str:
-    """Exit 1, every fragment in stderr, no traceback anywhere."""
-    assert result.exit_code == 1, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    assert result.stderr.startswith("error: ")
-    for fragment in fragments:
-        assert fragment in result.stderr, f"{fragment!r} not in stderr: {result.stderr}"
-    return result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from tunesmith.cli import app
+
+from helpers import fails, invoke, ok
 
 BUILTIN = "smollm2-135m-instruct"
 
@@ -25,26 +26,6 @@ def home(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "tunesmith-home"
     monkeypatch.setenv("TUNESMITH_HOME", str(path))
     return path
-
-
-def invoke(*args, input: str | None = None):
-    return CliRunner().invoke(app, [str(a) for a in args], input=input)
-
-
-def ok(result) -> str:
-    assert result.exit_code == 0, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}\n{result.exception!r}"
-    return result.stdout
-
-
-def fails(result, *fragments: str) -> str:
-    """Exit 1 through SystemExit, one line on stderr with every fragment, no traceback anywhere."""
-    assert result.exit_code == 1, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, f"{fragment!r} not in stderr: {result.stderr}"
-    return result.stderr
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:

@@ -197,7 +197,7 @@ def test_export(trained_run, tmp_path):
 
 def test_unknown_config_key(workdir):
     fails(invoke("train", workdir["recipe"], "--set", "train.lrr=0.01"),
-          f"{workdir['recipe']}: unknown key 'train.lrr'; did you mean 'train.lr'?")
+          "--set train.lrr=0.01: unknown key 'train.lrr'; did you mean 'train.lr'?")
     fails(invoke("config", "show", workdir["recipe"], "--set", "trian.lr=0.01"), "unknown key 'trian'")
 
 

@@ -335,7 +335,8 @@ def test_recipe_that_is_not_utf8_is_reported(tmp_path):
     recipe.write_bytes("model: caf\u00e9\n".encode("latin-1"))  # é is byte 10 (0-based), invalid alone in UTF-8
     with pytest.raises(TunesmithError) as info:
         load_config(recipe)
-    assert str(info.value) == f"{recipe}: not UTF-8 text (byte 10 cannot be read); save it as UTF-8"
+    assert str(info.value) == (f"{recipe}: line 1, column 11: byte 0xe9 is not UTF-8 text (Latin-1 or Windows-1252?); "
+                               "save the file as UTF-8")
 
 
 def test_yaml_top_level_must_be_a_mapping(tmp_path):
@@ -360,8 +361,8 @@ def test_missing_recipe_file(tmp_path):
     assert str(info.value) == f"recipe '{missing}' does not exist"
 
 
-def test_recipe_that_is_a_folder_is_reported_as_missing(tmp_path):
-    with pytest.raises(TunesmithError, match="does not exist"):
+def test_recipe_that_is_a_folder_is_reported_as_a_folder(tmp_path):
+    with pytest.raises(TunesmithError, match="is a folder; pass the recipe file"):
         load_config(tmp_path)
 
 

@@ -92,6 +92,13 @@ def _run(fn):
         _crash(exc)
 
 
+def _check_options(*rules: tuple[bool, str]) -> None:
+    """Values typer's own checks would reject in a usage box (exit 2): the first broken rule is one line, exit 1."""
+    for broken, message in rules:
+        if broken:
+            _fail(TunesmithError(message))
+
+
 def _print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
@@ -248,19 +255,42 @@ def methods(as_json: bool = JsonOption):
 # ---- train / eval / chat / export ---------------------------------------------------------------
 @app.command()
 def train(
+    ctx: typer.Context,
     recipe: str,
     set_: Optional[List[str]] = SetOption,
     max_steps: Optional[int] = typer.Option(None, help="Stop after N optimizer steps."),
     output_dir: Optional[str] = typer.Option(None, help="Write the run here instead of the recipe's output_dir."),
     overwrite: bool = typer.Option(False, help="Replace a non-empty output_dir."),
     resume: bool = typer.Option(False, help="Continue from the last checkpoint in output_dir."),
+    force: bool = typer.Option(False, "--force", help="With --resume: continue even though the config differs from "
+                               "the run's (only train.max_steps, train.epochs, save/logging steps and eval.* may change "
+                               "without it)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print data stats, the memory bill vs the measured peak "
                                  "and the time per step over 2 real steps on the longest examples; write no run."),
     as_json: bool = JsonOption,
+    nproc: int = typer.Option(1, "--nproc", help="Training processes on this machine, one per GPU: runs under torchrun "
+                              "with the recipe's distributed.strategy (ddp by default)."),
+    nnodes: int = typer.Option(1, "--nnodes", help="Machines in the run (torchrun --nnodes); start the same command "
+                               "on each."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This machine's number, 0 to nnodes-1 (0 at --master-addr)."),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Address of the --node-rank 0 machine "
+                                              "(needed with --nnodes > 1)."),
+    master_port: Optional[int] = typer.Option(None, "--master-port", help="A free TCP port on --master-addr "
+                                              "(default 29500; on one machine a free one is picked)."),
 ):
-    """Fine-tune a model as the recipe says; writes the adapter, metrics and a summary to output_dir."""
+    """Fine-tune a model as the recipe says; writes the adapter, metrics and a summary to output_dir.
+
+    Ctrl-C (SIGINT) or SIGTERM finishes the current step, saves a checkpoint there and prints the command
+    that resumes the run; the exit code is then 130 (SIGINT) or 143 (SIGTERM).
+    """
+    from .training import distributed
+    from .training.interrupt import TrainingInterrupted
     from .training.run import train as run_train
 
+    _check_options(
+        (max_steps is not None and max_steps < 1, f"--max-steps {max_steps}: must be 1 or more (optimizer steps)"),
+        (resume and overwrite, "--resume continues the run in output_dir and --overwrite replaces it; pass one of them"),
+    )
     overrides = list(set_ or [])
     if max_steps is not None:
         overrides.append(f"train.max_steps={max_steps}")
@@ -269,12 +299,20 @@ def train(
 
     if dry_run:
         return _train_dry_run(recipe, overrides, as_json)
+    launch = distributed.Launch(nproc, nnodes, node_rank, master_addr, master_port)
+    if launch.wanted:
+        return _train_launch(ctx, launch, recipe, overrides, overwrite=overwrite, resume=resume)
 
     def go():
         cfg = _config(recipe, overrides)
-        return run_train(cfg, overwrite=overwrite, resume=resume, progress=not as_json, recipe=recipe)
+        return run_train(cfg, overwrite=overwrite, resume=resume, force=force, progress=not as_json, recipe=recipe)
 
-    result = _run(go)
+    try:
+        result = _run(go)
+    except TrainingInterrupted as stop:
+        _train_interrupted(ctx, stop)
+    if not distributed.is_main_process():
+        return
     if as_json:
         return _print_json({"output_dir": str(result.output_dir), **result.summary})
     s = result.summary
@@ -303,6 +341,7 @@ def eval_cmd(
     """Eval loss, perplexity and the task score by greedy generation."""
     from .evaluation.run import evaluate
 
+    _check_options((limit is not None and limit < 1, f"--limit {limit}: must be 1 or more (eval examples to score)"))
     if forgetting:
         from .evaluation.forgetting import forgetting_report
 
@@ -357,6 +396,11 @@ def chat(
     """Talk to a model: /reset clears the history, /system TEXT sets the system message, /exit quits."""
     from .chat import make_chat_session
     from .inference import load_for_inference
+
+    _check_options(
+        (max_new_tokens < 1, f"--max-new-tokens {max_new_tokens}: must be 1 or more"),
+        (temperature < 0, f"--temperature {temperature}: must be 0 (greedy) or more (sampling)"),
+    )
 
     loaded = _run(lambda: load_for_inference(target, base=base))
     session = _run(lambda: make_chat_session(loaded, adapter, system=system, max_new_tokens=max_new_tokens,
@@ -430,6 +474,38 @@ def merge_cmd(
 
 
 # ---- plan -------------------------------------------------------------------------------------
+def _train_interrupted(ctx: typer.Context, stop) -> None:
+    """One line: where the run stopped and the command that continues it (this one, with --resume instead of
+    --overwrite); exit 128 + the signal's number, as a shell reports a process the signal ended."""
+    import shlex
+
+    from .training import distributed
+
+    argv = distributed.worker_argv(ctx, skip=("overwrite", "resume", "force", "dry_run"))
+    command = shlex.join(["tunesmith", *argv, "--resume"])
+    err.print(f"{stop}; resume with: {command}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(stop.exit_code)
+
+
+def _train_launch(ctx: typer.Context, launch, recipe: str, overrides: List[str], *, overwrite: bool, resume: bool) -> None:
+    """Check the launch options, the recipe and the output folder once, then run this command in torchrun's workers
+    and exit with their exit code."""
+    from .training import distributed
+    from .training.run import check_output
+
+    def go():
+        launch.validate()
+        cfg = _config(recipe, overrides)
+        distributed.check_strategy(cfg)
+        if launch.node_rank == 0:  # the machine whose rank 0 writes the run folder
+            check_output(cfg, recipe, overwrite=overwrite, resume=resume)
+        return distributed.launch(launch, distributed.worker_argv(ctx))
+
+    code = _run(go)
+    if code:
+        raise typer.Exit(code)
+
+
 def _train_dry_run(recipe: str, overrides: List[str], as_json: bool) -> None:
     from .planning.measure import dry_run
     from .planning.render import print_bill, print_measurement

@@ -297,6 +297,32 @@ class ContinualConfig(_Section):
     orthogonal_lambda: Number = Field(0.5, ge=0.0, description="o-lora: weight of sum ||A_old A_new^T||^2.")
 
 
+class DistributedConfig(_Section):
+    """How `tunesmith train --nproc N` (torchrun) spreads one run over processes; one process ignores it."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp",
+        description="ddp: every process keeps the whole model and averages gradients (the fastest while the model "
+        "fits on one device; right for LoRA); fsdp: torch's FSDP2 shards the model across processes; deepspeed: "
+        "DeepSpeed ZeRO (needs the deepspeed package).",
+    )
+    zero_stage: Literal[2, 3] = Field(
+        3, description="fsdp/deepspeed: 2 shards gradients and optimizer states, 3 the weights too (least memory)."
+    )
+    offload: bool = Field(
+        False, description="fsdp/deepspeed: keep sharded state in CPU memory between uses (fits more, runs slower)."
+    )
+
+    @model_validator(mode="after")
+    def _sharding_options_need_sharding(self) -> "DistributedConfig":
+        chosen = sorted(k for k in self.model_fields_set - {"strategy"}
+                        if getattr(self, k) != type(self).model_fields[k].default)
+        if self.strategy == "ddp" and chosen:
+            raise ValueError(f"distributed.{chosen[0]} applies to strategy fsdp or deepspeed, not ddp (which shards "
+                             "nothing); remove it or set distributed.strategy")
+        return self
+
+
 class RunConfig(_Section):
     model: str = Field("smollm2-135m-instruct", description="Built-in name, local folder, .gguf file or hub id.")
     trust_remote_code: bool = Field(False, description="Allow a model's own Python code to run when loading it.")
@@ -306,6 +332,7 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     regularize: RegularizeConfig = Field(default_factory=RegularizeConfig)
     continual: ContinualConfig = Field(default_factory=ContinualConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     output_dir: str = Field("runs/run", description="Where the adapter, checkpoints and reports are written.")
 
     @model_validator(mode="after")
@@ -335,7 +362,17 @@ class RunConfig(_Section):
         return self
 
 
-RECIPE = YamlSchema(RunConfig, file_word="recipe", dict_name="config", keys_hint="model, data, method, train")
+# Names users bring from transformers' TrainingArguments, TRL's SFTConfig and PEFT's LoraConfig.
+_HF_NAMES = {
+    "learning_rate": "train.lr", "per_device_train_batch_size": "train.batch_size", "num_train_epochs": "train.epochs",
+    "gradient_accumulation_steps": "train.grad_accum", "max_steps": "train.max_steps", "warmup_steps": "train.warmup",
+    "warmup_ratio": "train.warmup", "weight_decay": "train.weight_decay", "seed": "train.seed",
+    "lora_r": "method.r", "lora_alpha": "method.alpha", "lora_dropout": "method.dropout",
+    "max_seq_length": "data.max_length", "max_length": "data.max_length", "model_name_or_path": "model",
+    "output_dir": "output_dir", "per_device_eval_batch_size": "eval.batch_size",
+}
+RECIPE = YamlSchema(RunConfig, file_word="recipe", dict_name="config", keys_hint="model, data, method, train",
+                    hints={k: f"did you mean '{v}'? (tunesmith's name for {k})" for k, v in _HF_NAMES.items()})
 
 
 def load_config(source: Union[str, Path, dict, None] = None, overrides: Optional[list[str]] = None) -> RunConfig:
@@ -355,6 +392,7 @@ def _resolve_relative_paths(config: RunConfig, base: Path) -> None:
         candidate = base / p
         return str(candidate) if candidate.exists() else p
 
+    config.model = _resolve_model_path(config.model, base)
     d = config.data
     d.train = [fix(p) for p in d.train] if isinstance(d.train, list) else fix(d.train)
     if d.eval:
@@ -369,6 +407,17 @@ def _resolve_relative_paths(config: RunConfig, base: Path) -> None:
         r.ewc.reference = fix_all(r.ewc.reference)
     if config.continual.previous:
         config.continual.previous = [fix(p) for p in config.continual.previous]
+
+
+def _resolve_model_path(model: str, base: Path) -> str:
+    """A model folder or .gguf next to the recipe is found like its data; a path that exists nowhere but is
+    written as one (`./x`, `../x`, `x.gguf`) becomes the place next to the recipe, which the error then names."""
+    if Path(model).is_absolute() or Path(model).exists():
+        return model
+    candidate = base.absolute() / model
+    if candidate.exists() or model.startswith(("./", "../")) or model.endswith(".gguf"):
+        return str(candidate)
+    return model
 
 
 def config_to_yaml(config: RunConfig) -> str:

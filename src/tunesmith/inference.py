@@ -10,7 +10,7 @@ from .config import RunConfig, load_config
 from .data.masking import END_MARKERS
 from .data.templates import apply_template_override
 from .errors import TunesmithError
-from .models import load_model, load_tokenizer
+from .models import broken_safetensors, load_model, load_tokenizer
 from .methods import get_method
 from .methods.adapter_stack import load_previous_adapters
 from .rundir import is_adapter_run, is_run_dir, load_run_config
@@ -71,6 +71,10 @@ def _load_run_model(config: RunConfig, run: Path | None):
         return model, f"{config.model} (base)"
     from peft import PeftModel  # heavy: only a run with an adapter needs peft
 
+    broken = broken_safetensors(run)
+    if broken is not None:
+        raise TunesmithError(f"run folder '{run}': '{broken.name}' is truncated or corrupt; train the run again "
+                             "(or --resume it from a checkpoint)")
     model = PeftModel.from_pretrained(model, str(run))
     if config.continual.previous:  # the earlier tasks' adapters, stacked as the run trained
         load_previous_adapters(model, run)

@@ -150,12 +150,45 @@ def resolve_model(ref: str) -> ResolvedModel:
                 f"model: folder '{ref}' has no config.json; point `model` at a Hugging Face model folder "
                 "(the output of save_pretrained or `tunesmith export`)"
             )
+        _check_json(path / "config.json")
         return ResolvedModel(str(path), kind="folder")
     if _looks_like_hub_id(ref):
         if not _in_hf_cache(ref) and not _hub_reachable():
             raise TunesmithError(_hub_message(ref, "it is not in the local Hugging Face cache and the hub cannot be reached (no network)"))
         return ResolvedModel(ref, kind="hub")
     raise TunesmithError(unknown_model_message(ref))
+
+
+def _check_json(path: Path) -> None:
+    import json
+
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" at line {exc.lineno}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise TunesmithError(f"model: '{path}' is not valid JSON{where}; save the model again (save_pretrained) "
+                             "or restore the file from the model's source") from None
+
+
+def _check_gguf(path: Path) -> None:
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise TunesmithError(f"model: '{path}' is not a GGUF file (it does not start with the GGUF magic bytes); "
+                                 "download it again or point `model` at a model folder") from None
+
+
+def broken_safetensors(folder: Path) -> Path | None:
+    """The first .safetensors file in folder whose header or data is cut short, if any."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+        except Exception:  # safetensors raises its own error type for every kind of damage
+            return file
+    return None
 
 
 def _in_hf_cache(repo_id: str) -> bool:
@@ -200,7 +233,7 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False):
         resolved = ResolvedModel(str(ref), kind="folder")
     else:
         resolved = resolve_model(ref)
-    with _hub_errors(ref, resolved):
+    with _load_errors(ref, resolved, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(
             resolved.path, gguf_file=resolved.gguf_file, trust_remote_code=trust_remote_code
         )
@@ -214,7 +247,7 @@ def load_model(ref: str, dtype=None, trust_remote_code: bool = False, **kwargs):
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_model(ref)
-    with _hub_errors(ref, resolved):
+    with _load_errors(ref, resolved, "model"):
         return AutoModelForCausalLM.from_pretrained(
             resolved.path,
             gguf_file=resolved.gguf_file,
@@ -224,17 +257,35 @@ def load_model(ref: str, dtype=None, trust_remote_code: bool = False, **kwargs):
         )
 
 
-class _hub_errors:
-    """Translate 'not in cache and no network' into a message that says exactly that."""
+class _load_errors:
+    """Translate a library's failure to load into one line: 'not in cache and no network' for a hub id; for a
+    local folder, the damaged weights file or the missing tokenizer, and what to do about it."""
 
-    def __init__(self, ref: str, resolved: ResolvedModel):
-        self.ref, self.resolved = ref, resolved
+    def __init__(self, ref: str, resolved: ResolvedModel, what: str):
+        self.ref, self.resolved, self.what = ref, resolved, what
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc is None or self.resolved.kind != "hub":
+        if exc is None or isinstance(exc, TunesmithError):
+            return False
+        if self.resolved.kind == "folder" and isinstance(exc, Exception):
+            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if self.what == "tokenizer":
+                if (Path(self.resolved.path) / "config.json").is_file():
+                    _check_json(Path(self.resolved.path) / "config.json")
+                raise TunesmithError(
+                    f"model folder '{self.ref}' has no usable tokenizer ({cause}); copy the tokenizer files "
+                    "(tokenizer.json, tokenizer_config.json) of its base model into it") from None
+            broken = broken_safetensors(Path(self.resolved.path))
+            if broken is not None:
+                raise TunesmithError(f"model: '{broken}' is truncated or corrupt ({cause}); download or save "
+                                     "the model again") from None
+            return False
+        if self.resolved.kind == "gguf" and isinstance(exc, Exception):
+            _check_gguf(Path(self.resolved.path) / self.resolved.gguf_file)
+        if self.resolved.kind != "hub":
             return False
         if isinstance(exc, (OSError, ValueError)) or "huggingface_hub" in type(exc).__module__:
             cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -1,7 +1,7 @@
 """Validated YAML files with `--set` overrides: run configs and merge specs both load through here.
 
-So both behave the same way: a file that is missing, not YAML or not a mapping is one line that names the
-file (and where a syntax error is); `--set key.path=value` parses its value as YAML and reaches into nested
+So both behave the same way: a file that is missing, a folder, not UTF-8, not YAML, not a mapping or that
+writes a key twice is one line that names the file (and the line and column); `--set key.path=value` parses its value as YAML and reaches into nested
 sections and list entries; a validation error is one line per key naming the key, the bad value and what
 is valid, and an unknown key gets a hint or the nearest valid name.
 """
@@ -64,24 +64,55 @@ def load_validated(schema: YamlSchema, source: Union[str, Path, dict, None],
     try:
         return schema.model.model_validate(raw), base_dir
     except ValidationError as err:
-        raise TunesmithError(validation_message(err, name, schema)) from None
+        raise TunesmithError(validation_message(err, name, schema, overrides or [])) from None
 
 
 # ---- the file --------------------------------------------------------------------------------------------
 def read_yaml_mapping(path: Path, what: str, keys_hint: str) -> dict:
+    if path.is_dir():
+        raise TunesmithError(f"{what} '{path}' is a folder; pass the {what} file (.yaml) inside it")
     if not path.is_file():
         raise TunesmithError(f"{what} '{path}' does not exist")
+    data = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise TunesmithError(f"{path}: not UTF-8 text (byte {exc.start} cannot be read); save it as UTF-8") from None
+        raise TunesmithError(f"{path}: {not_utf8(data, exc)}") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
-        raise TunesmithError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+        data_file = path.suffix.lower() in (".jsonl", ".json", ".csv", ".parquet")
+        hint = f"; {path.name} looks like a data file: pass the {what} (.yaml) that points at it" if data_file else ""
+        raise TunesmithError(f"{path}: not valid YAML: {_yaml_problem(exc)}{hint}") from None
     if not isinstance(raw, dict):
         raise TunesmithError(f"{path}: the top level must be a mapping of keys ({keys_hint}, ...)")
     return raw
+
+
+def not_utf8(data: bytes, exc: UnicodeDecodeError) -> str:
+    """Where a file stops being UTF-8, as a user finds it in an editor: line and column, and the byte."""
+    line = data.count(b"\n", 0, exc.start) + 1
+    column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+    return (f"line {line}, column {column}: byte 0x{data[exc.start]:02x} is not UTF-8 text (Latin-1 or "
+            "Windows-1252?); save the file as UTF-8")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping, instead of silently keeping the last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:
+                continue  # an unhashable key: SafeLoader's own error says so
+            if first is not key_node.start_mark:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (also at line {first.line + 1}; keep one)",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -91,6 +122,8 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     if not problem or mark is None:
         return " ".join(str(exc).split())
     context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if "'\\t'" in problem:
+        problem += " (a tab; indent with spaces)"
     if not context or context_mark is None or where(context_mark) == where(mark):
         return f"{problem} at {where(mark)}"
     return f"{problem} at {where(mark)} ({context} started at {where(context_mark)})"
@@ -163,9 +196,10 @@ def _index(node: list, key: str, item: str) -> int:
 
 
 # ---- validation errors -----------------------------------------------------------------------------------
-def validation_message(err: ValidationError, source: str, schema: YamlSchema) -> str:
+def validation_message(err: ValidationError, source: str, schema: YamlSchema, overrides: list[str] = ()) -> str:
     """One line per problem: `source: key = value is invalid: why` (the reasons of a key's union members
-    joined), `source: unknown key 'k'; hint`, `source: key is required`, or a rule across keys as worded."""
+    joined), `source: unknown key 'k'; hint`, `source: key is required`, or a rule across keys as worded.
+    A key that a `--set` wrote is blamed on that `--set`, not on the file."""
     problems: dict[tuple[str, str], list[str]] = {}  # insertion order is the order pydantic reported
     values: dict[str, Any] = {}
     for e in err.errors():
@@ -185,10 +219,27 @@ def validation_message(err: ValidationError, source: str, schema: YamlSchema) ->
             reasons = problems.setdefault(("value", path), [])
             if reason not in reasons:
                 reasons.append(reason)
-    return "\n".join(
-        f"{source}: {text}" if what == "line" else f"{source}: {text} = {values[text]!r} is invalid: {'; or '.join(reasons)}"
-        for (what, text), reasons in problems.items()
-    )
+    lines = []
+    for (what, text), reasons in problems.items():
+        where = _setter(text if what == "value" else _quoted_key(text), overrides) or source
+        lines.append(f"{where}: {text}" if what == "line" else
+                     f"{where}: {text} = {values[text]!r} is invalid: {'; or '.join(reasons)}")
+    return "\n".join(lines)
+
+
+def _quoted_key(line: str) -> str:
+    match = re.match(r"unknown key '([^']*)'", line)
+    return match.group(1) if match else ""
+
+
+def _setter(path: str, overrides: list[str]) -> str:
+    """`--set ITEM` for the last override that wrote `path` (or a key inside or above it), else ""."""
+    dotted = re.sub(r"\[(\d+)\]", r".\1", path)
+    for item in reversed(overrides):
+        key = item.split("=", 1)[0].strip()
+        if dotted and (key == dotted or key.startswith(dotted + ".") or dotted.startswith(key + ".")):
+            return f"--set {item}"
+    return ""
 
 
 def key_path(loc: tuple) -> str:

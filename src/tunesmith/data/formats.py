@@ -73,6 +73,9 @@ def _from_messages(row: Row) -> Conversation:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise TunesmithError(f"{row.where}: messages[{i}] must be an object with 'role' and 'content'")
+        if m["content"] is None and m["role"] == "assistant" and not m.get("tool_calls"):
+            raise TunesmithError(f"{row.where}: messages[{i}].content is null for the assistant; write the answer "
+                                 "to learn, or drop this row")
         conv.append({"role": str(m["role"]), "content": _text(m["content"], row, f"messages[{i}].content")})
     return conv
 

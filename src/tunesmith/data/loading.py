@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..errors import TunesmithError
+from ..yamlfile import not_utf8
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -32,6 +33,9 @@ def load_rows(source: str | list[str], split: str = "train") -> list[Row]:
 def _load_one(source: str, split: str) -> list[Row]:
     path = Path(source).expanduser()
     if path.suffix.lower() in FILE_SUFFIXES or path.exists():
+        if path.is_dir():
+            raise TunesmithError(f"data file '{source}' is a folder; point the data at a file inside it "
+                                 f"({', '.join(FILE_SUFFIXES)}), or a list of them")
         if not path.is_file():
             raise TunesmithError(f"data file '{source}' does not exist")
         suffix = path.suffix.lower()
@@ -48,11 +52,16 @@ def _load_one(source: str, split: str) -> list[Row]:
 
 
 def _read_jsonl(path: Path) -> Iterable[Row]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise TunesmithError(f"{where}: column {exc.start + 1}: byte 0x{raw[exc.start]:02x} is not UTF-8 text "
+                                     "(Latin-1 or Windows-1252?); save the file as UTF-8") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -64,7 +73,7 @@ def _read_jsonl(path: Path) -> Iterable[Row]:
 
 def _read_json(path: Path) -> list[Row]:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(_utf8_text(path))
     except json.JSONDecodeError as exc:
         raise TunesmithError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     if isinstance(obj, dict):
@@ -82,10 +91,18 @@ def _read_json(path: Path) -> list[Row]:
     return rows
 
 
+def _utf8_text(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TunesmithError(f"{path}: {not_utf8(data, exc)}") from None
+
+
 def _read_with_datasets(path: Path, kind: str) -> list[Row]:
     from datasets import load_dataset
 
-    if kind == "csv" and sum(1 for line in path.open(encoding="utf-8") if line.strip()) <= 1:
+    if kind == "csv" and sum(1 for line in _utf8_text(path).splitlines() if line.strip()) <= 1:
         return []  # a header and no rows
     try:
         ds = load_dataset(kind, data_files=str(path), split="train")

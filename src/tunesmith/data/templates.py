@@ -26,7 +26,20 @@ def apply_template_override(tokenizer, chat_template: str | os.PathLike | None) 
                 f"data.chat_template = '{chat_template}' is neither an existing file nor a Jinja template string"
             )
         chat_template = path.read_text(encoding="utf-8")
+    _check_syntax(chat_template, "" if looks_inline else f" ({path})")
     tokenizer.chat_template = chat_template
+
+
+def _check_syntax(template: str, where: str) -> None:
+    """Compile the template as transformers will, so a Jinja typo is one line naming its line, up front."""
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except TemplateSyntaxError as exc:
+        raise TunesmithError(f"data.chat_template{where}: template syntax error at line {exc.lineno}: {exc.message}; "
+                             "fix the Jinja template") from None
 
 
 def render(tokenizer, messages: Conversation, add_generation_prompt: bool = False, where: str = "") -> str:

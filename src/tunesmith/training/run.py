@@ -24,9 +24,13 @@ from ..models import load_model, load_tokenizer
 from ..regularize import build_loss_terms
 from ..outdir import check_target, in_place
 from ..rundir import (
-    DATA_STATS_FILE, METRICS_FILE, SUMMARY_FILE, last_checkpoint, resume_checkpoint, run_inputs, write_config, write_json,
+    CONFIG_FILE, DATA_STATS_FILE, METRICS_FILE, RESUMABLE_CHANGES, SUMMARY_FILE, config_changes, last_checkpoint,
+    resume_checkpoint, run_inputs, write_config, write_json,
 )
+from ..errors import TunesmithError
 from .callbacks import MetricsFileCallback, ProgressCallback
+from .interrupt import StopOnSignal, TrainingInterrupted
+from . import distributed
 from .attention import restore_attention, use_packed_attention
 from .neftune import NEFTune
 from .trainer import MethodTrainer
@@ -130,7 +134,8 @@ def build_trainer(config: RunConfig, prepared, output_dir: Path, train_examples:
     """
     from transformers.trainer_callback import PrinterCallback
 
-    args = training_arguments(config, output_dir, bool(eval_examples), prepared.training_args)
+    extra = {**distributed.training_arguments(config), **(prepared.training_args or {})}
+    args = training_arguments(config, output_dir, bool(eval_examples), extra)
     if ordered:
         args.train_sampling_strategy = "sequential"  # mixed data is already in its exact, evenly spread order
     if config.train.padding_free:
@@ -159,6 +164,7 @@ def train(
     *,
     overwrite: bool = False,
     resume: bool = False,
+    force: bool = False,
     progress: bool = True,
     data: PreparedData | None = None,
     recipe: str | Path | None = None,
@@ -171,27 +177,57 @@ def train(
     (only with overwrite) is renamed to a hidden sibling and the new run writes into the real folder, so
     its checkpoints are where --resume looks; the earlier run is deleted when the new one finishes, or
     fails after its first checkpoint (resumable), and renamed back if it fails before one.
+
+    A resumed run must have the config it was started with, except RESUMABLE_CHANGES (extending it);
+    `force` continues with the new one anyway. SIGINT or SIGTERM in training save a checkpoint at the step
+    and raise TrainingInterrupted.
     """
     from transformers import set_seed
 
     out = Path(config.output_dir)
     checkpoint = resume_checkpoint(out) if resume else None
-    check_target(out, run_inputs(config, recipe), may_replace=overwrite or resume, flag="output_dir",
-                 example="runs/my-run", taken="already exists and is not empty; pass --overwrite to replace it, "
-                 "--resume to continue it, or --output-dir to write elsewhere")
+    if force and not resume:
+        raise TunesmithError("--force applies only with --resume (it continues a run whose config changed)")
+    if resume and not force:
+        _refuse_changed_config(out, config)
+    if distributed.is_main_process() and not distributed.output_checked():
+        check_output(config, recipe, overwrite=overwrite, resume=resume)
     set_seed(config.train.seed)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     data = data or prepare_data(config, tokenizer)
-    if checkpoint is not None:
+    if checkpoint is not None or not distributed.is_main_process():
+        # other ranks write only their share of each checkpoint, into the folder rank 0 holds
         return _fit(config, out, tokenizer, data, checkpoint, progress)
     with in_place(out, keep_partial=lambda folder: last_checkpoint(folder) is not None):
         return _fit(config, out, tokenizer, data, None, progress)
 
 
+def check_output(config: RunConfig, recipe: str | Path | None, *, overwrite: bool, resume: bool) -> None:
+    """The output folder may be written: not an input, not the working directory, empty unless replaced or resumed.
+    Run once per run: by `train`, or by the `--nproc` launcher before its workers start."""
+    check_target(Path(config.output_dir), run_inputs(config, recipe), may_replace=overwrite or resume, flag="output_dir",
+                 example="runs/my-run", taken="already exists and is not empty; pass --overwrite to replace it, "
+                 "--resume to continue it, or --output-dir to write elsewhere")
+
+
+def _refuse_changed_config(out: Path, config: RunConfig) -> None:
+    changed = config_changes(out, config)
+    if changed:
+        allowed = ", ".join(k + ("*" if k.endswith(".") else "") for k in RESUMABLE_CHANGES)
+        raise TunesmithError(
+            f"--resume: the config differs from the run's {out / CONFIG_FILE} in {'; '.join(changed)}; resume with "
+            f"the recipe and --set options the run was started with (only {allowed} may change), or pass "
+            "--force to continue with the new config"
+        )
+
+
 def _fit(config: RunConfig, out: Path, tokenizer, data: PreparedData, checkpoint: Path | None, progress: bool) -> TrainResult:
-    """Load and prepare the model, train it into `out` (from `checkpoint` when resuming) and write the run."""
-    write_config(out, config)
-    write_json(out / DATA_STATS_FILE, data.stats())
+    """Load and prepare the model, train it into `out` (from `checkpoint` when resuming) and write the run
+    (rank 0 alone in a multi-process run; every rank trains)."""
+    main = distributed.is_main_process()
+    if main:
+        write_config(out, config)
+        write_json(out / DATA_STATS_FILE, data.stats())
 
     model = load_model(config.model, trust_remote_code=config.trust_remote_code, **method_load_kwargs(config))
     model.config.use_cache = False
@@ -205,20 +241,29 @@ def _fit(config: RunConfig, out: Path, tokenizer, data: PreparedData, checkpoint
     loss_terms, regularize_info = build_loss_terms(config, model, tokenizer, data, out, resume=checkpoint is not None)
     neftune = NEFTune(model, config.train.neftune_alpha) if config.train.neftune_alpha else None
 
-    progress_cb = ProgressCallback(enabled=progress)
+    progress_cb = ProgressCallback(enabled=progress and main)
+    stop = StopOnSignal()
+    callbacks = [progress_cb, MetricsFileCallback(out / METRICS_FILE, progress_cb)] if main else [progress_cb]
+    callbacks.append(stop)
     trainer = build_trainer(config, prepared, out, data.train, eval_examples=data.eval, ordered=data.ordered,
-                            tokenizer=tokenizer, loss_terms=loss_terms,
-                            callbacks=[progress_cb, MetricsFileCallback(out / METRICS_FILE, progress_cb)])
+                            tokenizer=tokenizer, loss_terms=loss_terms, callbacks=callbacks)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with stop:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     elapsed = time.perf_counter() - start
+    if stop.received is not None and trainer.state.global_step < trainer.state.max_steps:
+        raise TrainingInterrupted(stop.received, trainer.state.global_step, last_checkpoint(out))
 
     if neftune is not None:
         neftune.remove()
     undo_fast_path()
-    prepared.save(out)
-    tokenizer.save_pretrained(out)
-    if config.continual.previous:
+    if distributed.shards_weights(config):
+        trainer.save_model(str(out))  # every rank: the Trainer gathers the shards, rank 0 writes
+    elif main:
+        prepared.save(out)
+    if main:
+        tokenizer.save_pretrained(out)
+    if main and config.continual.previous:
         save_previous(out, config)
     if prepared.cleanup:
         prepared.cleanup()
@@ -242,5 +287,6 @@ def _fit(config: RunConfig, out: Path, tokenizer, data: PreparedData, checkpoint
     if data.eval:
         final = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
         summary["eval_loss"] = round(final[-1]["eval_loss"] if final else trainer.evaluate()["eval_loss"], 6)
-    write_json(out / SUMMARY_FILE, summary)
+    if main:
+        write_json(out / SUMMARY_FILE, summary)
     return TrainResult(out, summary)

@@ -1,8 +1,13 @@
 """The transformers Trainer with our optimizer groups and our loss."""
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
+
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import rotate_checkpoints
 
 from ..data.collate import packed_kwargs
 from ..data.masking import IGNORE_INDEX
@@ -11,7 +16,7 @@ from .loss import selective_cross_entropy
 
 
 class SupervisedTokenCount:
-    """The one private Trainer hook tunesmith overrides, kept here alone: `Trainer._get_num_items_in_batch`.
+    """A private Trainer hook tunesmith overrides: `Trainer._get_num_items_in_batch`.
 
     Written against transformers 5.24, where `Trainer.get_batch_samples` calls
     `_get_num_items_in_batch(self, batch_samples, device)` once per optimizer step with all its micro batches,
@@ -30,7 +35,43 @@ class SupervisedTokenCount:
         return count
 
 
-class MethodTrainer(SupervisedTokenCount, Trainer):
+class AtomicCheckpoints:
+    """A second private Trainer hook, `Trainer._save_checkpoint(self, model, trial)`: checkpoints appear whole or
+    not at all.
+
+    transformers 5.24 writes checkpoint-N file by file straight into the run folder, so a kill while saving
+    leaves a folder that looks like a checkpoint. Here the Trainer saves into `.checkpoint-N.partial/` (by
+    pointing `args.output_dir` there for the call) and the finished folder is renamed to `checkpoint-N`;
+    only then are old checkpoints rotated out. A partial folder left by a kill is removed at the next save.
+    tests/test_crash_safety.py fails if a release renames the hook or stops reading the folder from
+    `args.output_dir`.
+    """
+
+    def _save_checkpoint(self, model, trial):
+        run = Path(self.args.output_dir)
+        name = f"checkpoint-{self.state.global_step}"
+        staging = run / f".{name}.partial"
+        if self.args.should_save:
+            for stale in run.glob(".checkpoint-*.partial"):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.args.output_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = str(run)
+        self.accelerator.wait_for_everyone()  # every rank's shards are written before the rename
+        if self.args.should_save:
+            final = run / name
+            if final.exists():  # an incomplete one from an earlier run, passed over by --resume
+                shutil.rmtree(final)
+            os.replace(staging / name, final)
+            staging.rmdir()
+            rotate_checkpoints(str(run), self.args.save_total_limit, self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+
+
+class MethodTrainer(SupervisedTokenCount, AtomicCheckpoints, Trainer):
     """Trainer whose optimizer comes from the method's parameter groups and whose loss skips prompt logits.
 
     - Each group's lr is the base lr times its `lr_scale` (LoRA+ gives B matrices a larger one).
@@ -68,6 +109,23 @@ class MethodTrainer(SupervisedTokenCount, Trainer):
         )
         return self.optimizer
 
+    def _final_hidden(self, model, inputs: dict) -> torch.Tensor:
+        """The decoder body's output for the batch. In a multi-process run the call goes through the wrapper
+        (DDP, FSDP, DeepSpeed), whose forward arms the gradient sync and gathers shards, with the lm_head on one
+        position only; a hook on the body keeps its output."""
+        kwargs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask"),
+                  "position_ids": inputs.get("position_ids"), "use_cache": False, **packed_kwargs(inputs)}
+        body = decoder_body(self.accelerator.unwrap_model(model))
+        if self.args.world_size <= 1:
+            return body(**kwargs).last_hidden_state
+        seen = []
+        handle = body.register_forward_hook(lambda _module, _args, out: seen.append(out.last_hidden_state))
+        try:
+            model(**kwargs, logits_to_keep=1)
+        finally:
+            handle.remove()
+        return seen[-1]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "position_ids" in inputs:
             # Padding-free rows: the mask is only there for token counting; attention follows position_ids.
@@ -75,16 +133,13 @@ class MethodTrainer(SupervisedTokenCount, Trainer):
         if not self.selective_loss:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
-        body = decoder_body(model)
-        hidden = body(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs.get("attention_mask"),
-            position_ids=inputs.get("position_ids"),
-            use_cache=False,
-            **packed_kwargs(inputs),
-        ).last_hidden_state
-        head = causal_lm(model).get_output_embeddings()
+        hidden = self._final_hidden(model, inputs)
+        head = causal_lm(self.accelerator.unwrap_model(model)).get_output_embeddings()
         normalizer = num_items_in_batch if model.training and num_items_in_batch else None
+        if normalizer is not None and self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            # The count covers every rank and DDP averages the ranks' gradients, so each rank's sum is divided by
+            # count / ranks (Trainer.compute_loss scales its loss the same way): the single-process gradient.
+            normalizer = normalizer / self.accelerator.num_processes
         loss, _ = selective_cross_entropy(hidden, head.weight, labels, normalizer)
         if model.training and self.loss_terms:
             # Terms see the same normaliser as the SFT sum (supervised tokens of the accumulated batch).

@@ -172,6 +172,16 @@ def test_non_empty_output_dir_refused_then_overwritten(tmp_path, tiny_model_dir)
     assert result.summary["steps"] == 1
 
 
+def test_num_threads_sets_torch_threads_and_zero_keeps_the_default(tmp_path, tiny_model_dir, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    recipe = small_recipe(tmp_path, tiny_model_dir, n_train=4, n_eval=0, max_steps=1, batch_size=2)
+    train(load_config({**recipe, "train": {**recipe["train"], "num_threads": 1}}), progress=False)
+    assert calls == [1]
+    train(load_config({**recipe, "output_dir": str(tmp_path / "default")}), progress=False)
+    assert calls == [1]
+
+
 def test_resume_without_checkpoint_fails(tmp_path, tiny_model_dir):
     recipe = small_recipe(tmp_path, tiny_model_dir, n_train=4, n_eval=0, max_steps=1)
     with pytest.raises(TunesmithError) as exc:

@@ -208,6 +208,10 @@ class TrainConfig(_Section):
         True, description="Run LoRA branches as one autograd step that keeps no dropped-out copies of the input "
         "(same math and adapter as PEFT, less memory); false uses PEFT's own forward."
     )
+    num_threads: int = Field(
+        0, ge=0, description="CPU threads for torch's math; 0 keeps torch's default of one per core. On a shared "
+        "CPU, cores divided by the number of training processes keeps them from slowing each other (bench/cpu_sharing.py)."
+    )
     neftune_alpha: Optional[Number] = Field(
         None, gt=0, description="NEFTune: uniform noise on input embeddings scaled alpha/sqrt(L*d), training only (5 is typical)."
     )

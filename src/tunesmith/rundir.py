@@ -55,7 +55,8 @@ def write_config(path: Path, config: RunConfig) -> None:
 TRAINER_STATE = "trainer_state.json"
 # Keys a resumed run may change without --force: they extend the run or say how often to log and save, or
 # configure `tunesmith eval` (eval.*), and none changes what the steps already taken computed.
-RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.epochs", "train.save_steps", "train.logging_steps", "eval.")
+RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.epochs", "train.save_steps", "train.logging_steps",
+                     "train.num_threads", "eval.")
 
 
 def checkpoints(path: str | Path) -> list[Path]:

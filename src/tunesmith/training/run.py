@@ -193,6 +193,8 @@ def train(
     if distributed.is_main_process() and not distributed.output_checked():
         check_output(config, recipe, overwrite=overwrite, resume=resume)
     set_seed(config.train.seed)
+    if config.train.num_threads:
+        torch.set_num_threads(config.train.num_threads)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     data = data or prepare_data(config, tokenizer)
     if checkpoint is not None or not distributed.is_main_process():

@@ -207,6 +207,11 @@ def dropout_one(ws):
 
 
 @case
+def negative_num_threads(ws):
+    return ["config", "show", ws.recipe(train__num_threads=-1)], "train.num_threads = -1 is invalid", "greater than or equal to 0"
+
+
+@case
 def unknown_method(ws):
     return ["config", "show", ws.recipe(method__name="lorax")], "method.name = 'lorax' is invalid", "'lora'"
 

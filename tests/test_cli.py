@@ -5,7 +5,6 @@ Recipes are YAML files in tmp_path that point at the tiny random Llama from conf
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml

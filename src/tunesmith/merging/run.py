@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import TunesmithError
-from ..outdir import Input, check_target, inputs, staged
+from .. import outdir
+from ..outdir import check_target, staged
 from . import methods
 from .io import PlannedTensor, ShardedWriter, TensorInfo
 from .sources import Adapter, FullModel, open_input
@@ -274,12 +275,12 @@ def _malloc_trim():
 
 
 # ---- the output folder -----------------------------------------------------------------------------------
-def _reads(plan: MergePlan, spec_file: Optional[Union[str, Path]]) -> list[Input]:
+def _reads(plan: MergePlan, spec_file: Optional[Union[str, Path]]) -> list[outdir.Input]:
     """The files and folders the merge reads, which --out must stay clear of."""
-    found = inputs("merge spec", spec_file)
+    found = outdir.inputs("merge spec", spec_file)
     for src, label in zip(plan.inputs, plan.labels):
-        found += inputs(f"input {label}", src.folder)
-    return found + inputs("base model", plan.reference.folder)
+        found += outdir.inputs(f"input {label}", src.folder)
+    return found + outdir.inputs("base model", plan.reference.folder)
 
 
 def _copy_model_files(reference: Path, out: Path, dtype: str) -> list[str]:

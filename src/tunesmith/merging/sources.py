@@ -69,7 +69,7 @@ class LoraTarget:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        out, rank = self.b.shape[0], self.b.shape[1]
+        out = self.b.shape[0]
         inner = self.a.shape[1]
         return (inner, out) if (self.embedding or self.transpose) else (out, inner)
 

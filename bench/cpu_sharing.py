@@ -4,10 +4,12 @@
 
 Each case trains the built-in model on the quickstart recipe (micro batch 4, `--steps` optimizer steps,
 fp32) in its own process, alone or as two identical processes started together, under one OpenMP
-setting (the lone default always runs, as the reference): torch's default (`OMP_WAIT_POLICY` unset: libgomp's threads spin while they wait for work),
-`OMP_WAIT_POLICY=PASSIVE` (waiting threads sleep), and `train.num_threads` = half the cores (no
-oversubscription), and `GOMP_SPINCOUNT=10000` (spin briefly, then sleep). Prints seconds per step for
-each process and each case's ratio to the lone default run. `--alone-reps N` measures lone runs only,
+setting (torch's default always runs, as the reference): torch's default (libgomp's threads spin 300,000
+times while they wait for work; `GOMP_SPINCOUNT=300000` stands for it, since tunesmith sets its own default
+when imported), tunesmith's default (`GOMP_SPINCOUNT=1000`: spin briefly, then sleep),
+`OMP_WAIT_POLICY=PASSIVE` (waiting threads sleep at once), and `train.num_threads` = half the cores (no
+oversubscription); `--cases` also takes any `VARIABLE=VALUE`. Prints seconds per step for each process
+and each case's ratio to torch's default. `--alone-reps N` measures lone runs only,
 settings alternating, N times each: what a setting costs a run that has the machine to itself.
 Run it alone: another process on the machine is exactly what it measures.
 """
@@ -33,11 +35,21 @@ s = train(cfg, progress=False).summary
 print("RESULT " + json.dumps({"seconds_per_step": s["train_seconds"] / s["steps"]}))
 """
 
+def case(name: str) -> tuple[dict, int]:
+    """A named setting, or any `VARIABLE=VALUE` for the environment (e.g. `GOMP_SPINCOUNT=3000`)."""
+    if name in CASES:
+        return CASES[name]
+    key, _, value = name.partition("=")
+    if not value:
+        raise SystemExit(f"--cases {name!r}: use one of {list(CASES)} or VARIABLE=VALUE")
+    return {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None, key: value}, 0
+
+
 CASES = {
-    "torch default": ({"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}, 0),
-    "OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, 0),
-    "GOMP_SPINCOUNT=10000": ({"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "10000"}, 0),
-    "num_threads = cores / 2": ({"OMP_WAIT_POLICY": None}, -1),
+    "torch default": ({"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "300000"}, 0),
+    "tunesmith default": ({"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None}, 0),
+    "OMP_WAIT_POLICY=PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"}, 0),
+    "num_threads = cores / 2": ({"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "300000"}, -1),
 }
 
 
@@ -62,7 +74,7 @@ def finish(proc: subprocess.Popen) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--cases", nargs="*", choices=list(CASES), help="only these settings (default: all)")
+    p.add_argument("--cases", nargs="*", help=f"only these settings: any of {list(CASES)} or VARIABLE=VALUE (default: the named ones)")
     p.add_argument("--alone-reps", type=int, default=0,
                    help="instead: N alternating lone runs of each chosen setting, medians (what a lone run pays)")
     args = p.parse_args()
@@ -71,9 +83,8 @@ def main() -> None:
     cores = os.cpu_count() or 1
     work = tempfile.mkdtemp(prefix="tunesmith-cpu-sharing-")
     rows = []
-    for name, (env, threads) in CASES.items():
-        if args.cases and name != "torch default" and name not in args.cases:
-            continue
+    for name in ["torch default"] + [n for n in (args.cases or CASES) if n != "torch default"]:
+        env, threads = case(name)
         threads = max(1, cores // 2) if threads == -1 else threads
         alone = finish(start(args.steps, env, threads, work))
         pair = [start(args.steps, env, threads, work) for _ in range(2)]
@@ -98,7 +109,7 @@ def lone_cost(args) -> None:
     times = {n: [] for n in names}
     for _ in range(args.alone_reps):
         for n in names:
-            env, threads = CASES[n]
+            env, threads = case(n)
             times[n].append(finish(start(args.steps, env, max(1, (os.cpu_count() or 1) // 2) if threads == -1 else threads, work)))
     base = statistics.median(times["torch default"])
     print(f"| setting (alone, median of {args.alone_reps}) | s/step | vs torch default |\n| --- | ---: | ---: |")

@@ -10,8 +10,15 @@ The CLI is a thin layer over these functions, so a notebook can call them direct
 from __future__ import annotations
 
 import importlib
+import os
 
 __version__ = "0.1.0"
+
+# torch's OpenMP threads (libgomp) spin 300,000 times waiting for work before they sleep. With a second
+# process on the cores, the two processes' spinning threads take turns and a training step took 11x as
+# long; 1,000 spins cost a lone run nothing measurable and bring a pair to 2x (bench/cpu_sharing.py, README
+# "Sharing the CPU"). libgomp reads it once, when torch loads: a user's own setting wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 _EXPORTS = {
     "load_config": ".config",

@@ -524,7 +524,7 @@ def test_setup_errors():
         method_config("full", rank=8)
     with pytest.raises(TunesmithError, match="galore_rank|GaLore"):
         method_config("qlora", galore_rank=8)
-    assert auto_precision("cuda") == "amp"
+    assert auto_precision("cuda", "full") == "amp" and auto_precision("cuda", "lora") == "bf16"
 
 
 def test_budget_verdict():
@@ -540,3 +540,20 @@ def test_budget_verdict():
 @pytest.mark.parametrize("family,case", SLOW_ACT, ids=lambda x: x if isinstance(x, str) else _act_id(x))
 def test_activation_formula_equals_autograd_other_families(family, case):
     test_activation_formula_equals_autograd(family, case)
+
+
+def test_adapter_on_8b_fits_a_24_gb_card_with_the_base_in_bf16():
+    """The issue's GPU case: train stores an adapter method's frozen base in bf16 (2 B per weight), so LoRA r=16
+    on Llama-3.1-8B at 2048 tokens with checkpointing plans under 20 GiB and QLoRA under 10 GiB; the old amp
+    regime (fp32 base) billed 30 GiB of weights alone."""
+    n = 8_030_261_248
+    lora = plan("llama-3.1-8b", "lora", rank=16, seq_len=2048, device="cuda", checkpointing=True)
+    assert lora.setup["precision"] == "bf16"
+    assert lora.line("weights").bytes == 2 * n + 4 * 41_943_040  # frozen base bf16, adapter fp32
+    assert lora.total <= 20 * GiB
+    qlora = plan("llama-3.1-8b", "qlora", rank=16, seq_len=2048, device="cuda", checkpointing=True)
+    assert qlora.total <= 10 * GiB
+    full = plan("llama-3.1-8b", "full", seq_len=2048, device="cuda", checkpointing=True)
+    assert full.setup["precision"] == "amp"  # weights that train stay fp32 under autocast
+    notes = " ".join(plan("llama-3.1-8b", "lora", precision="amp", device="cuda").notes)
+    assert "plan it with precision bf16" in notes

@@ -20,12 +20,12 @@ def test_recommend_walks_the_tree_with_real_numbers():
     rec = recommend("llama-3.1-8b", "24GiB", seq_len=2048, precision="amp", device="cuda")
     by = {o.label: o for o in rec.options}
     assert not by["full fine-tuning"].fits and "> 21.60 GiB" in by["full fine-tuning"].reason
-    # tunesmith loads the base in fp32 (bf16 only as autocast): LoRA on 8B does not fit 24 GiB
-    assert not by["lora r=16"].fits
-    assert rec.chosen.label.startswith("qlora")
+    # train stores an adapter method's frozen base in bf16: LoRA r=16 on 8B fits 24 GiB (fp32 did not: 30 GiB)
+    assert rec.chosen.label == "lora r=16" and rec.chosen.bill.setup["precision"] == "bf16"
     assert rec.chosen.bill.total <= 24 * GiB * 0.9
+    assert by["full fine-tuning"].bill.setup["precision"] == "amp"
     cfg = load_config(rec.recipe)  # the printed recipe is one `tunesmith train` accepts
-    assert cfg.method.name == "qlora" and cfg.model == "meta-llama/Llama-3.1-8B-Instruct"
+    assert cfg.method.name == "lora" and cfg.train.bf16 is True and cfg.model == "meta-llama/Llama-3.1-8B-Instruct"
     assert cfg.train.batch_size * cfg.train.grad_accum >= 16
     assert yaml.safe_load(rec.yaml) == rec.recipe
 
@@ -84,7 +84,7 @@ def test_cli_plan_recommends_with_budget_only():
     r = runner.invoke(app, ["plan", "--model", "llama-3.1-8b", "--budget", "24GiB", "--device", "cuda", "--json"])
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
-    assert d["chosen"].startswith("qlora")
+    assert d["chosen"] == "lora r=16"  # the frozen base in bf16 (with --budget 12GiB it would be qlora)
     assert any(o["label"] == "full fine-tuning" and not o["fits"] for o in d["options"])
     r = runner.invoke(app, ["plan", "--model", "llama-3.1-8b", "--budget", "24GiB", "--device", "cuda"])
     assert "method:" in r.output and "tunesmith train" in r.output

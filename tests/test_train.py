@@ -447,3 +447,40 @@ def test_lora_gradients_nonzero_for_every_adapted_layer(tiny_recipe, tiny_model_
         assert m.lora_B["default"].weight.grad.abs().sum() > 0, f"{name}: lora_B has no gradient after one step"
     frozen = [n for n, p in model.named_parameters() if "lora_" not in n]
     assert frozen and all(not p.requires_grad and p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "vera", "ia3", "adalora"])
+def test_bf16_stores_the_frozen_base_in_bf16_and_what_trains_in_fp32(tmp_path, tiny_model_dir, method):
+    """With bf16 compute the frozen base is loaded in bf16 (no per-step autocast copies); adapters stay fp32."""
+    from tunesmith.methods import load_kwargs, prepare_model
+    from tunesmith.models import load_model
+
+    recipe = small_recipe(tmp_path, tiny_model_dir, n_eval=0, bf16=True)
+    recipe["method"] = {"name": method, **({"target_r": 2, "init_r": 4} if method == "adalora" else {})}
+    config = load_config(recipe)
+    prepared = prepare_model(load_model(config.model, **load_kwargs(config)), config, total_steps=10)
+    frozen = {p.dtype for p in prepared.model.parameters() if not p.requires_grad}
+    trains = {p.dtype for p in prepared.model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trains == {torch.float32}
+
+
+@pytest.mark.parametrize("method, bf16", [("full", True), ("freeze", True), ("lora", False)])
+def test_weights_that_train_and_bf16_off_stay_fp32(tmp_path, tiny_model_dir, method, bf16):
+    """A method that trains the weights keeps every weight fp32 (exact saved model); bf16 off loads fp32."""
+    from tunesmith.methods import load_kwargs, prepare_model
+    from tunesmith.models import load_model
+
+    recipe = small_recipe(tmp_path, tiny_model_dir, n_eval=0, bf16=bf16)
+    recipe["method"] = {"name": method}
+    config = load_config(recipe)
+    prepared = prepare_model(load_model(config.model, **load_kwargs(config)), config)
+    assert {p.dtype for p in prepared.model.parameters()} == {torch.float32}
+
+
+def test_bf16_lora_run_trains_and_saves_an_fp32_adapter(tmp_path, tiny_model_dir):
+    config = load_config(small_recipe(tmp_path, tiny_model_dir, n_eval=0, bf16=True, max_steps=3))
+    summary = train(config, progress=False).summary
+    assert summary["bf16"] is True and summary["train_loss"] > 0
+    adapter = load_file(str(Path(config.output_dir) / "adapter_model.safetensors"))
+    assert {t.dtype for t in adapter.values()} == {torch.float32}
+    assert any(t.abs().sum() > 0 for n, t in adapter.items() if "lora_B" in n)  # B starts at zero: it trained

@@ -17,7 +17,7 @@ from ..errors import TunesmithError
 from ..methods import DEFAULT_METHOD, METHODS, get_method
 from ..sizes import GiB, MiB, fmt_bytes, parse_size
 from .bill import Bill, compute_bill
-from .setup import PRECISIONS, SELECTIVE_LOSS, Setup
+from .setup import PRECISIONS, SELECTIVE_LOSS, Setup, train_regime
 from .spec import ModelSpec, load_spec
 from .trainable import trainable_count
 
@@ -30,15 +30,15 @@ def auto_device() -> str:
     return "cuda" if Path("/proc/driver/nvidia/version").exists() else "cpu"
 
 
-def auto_precision(device: str) -> str:
-    """The regime `tunesmith train` runs with `train.bf16: auto` on that device."""
+def auto_precision(device: str, method: str = DEFAULT_METHOD) -> str:
+    """The regime `tunesmith train` runs `method` in with `train.bf16: auto` on that device."""
     if device == "cuda":
-        return "amp"
+        return train_regime(True, method)
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return "fp32"
-    return "amp" if " amx_tile" in flags else "fp32"
+        flags = ""
+    return train_regime(" amx_tile" in flags, method)
 
 
 def method_config(method: str = DEFAULT_METHOD, rank: Optional[int] = None, targets: Optional[list[str]] = None,
@@ -83,10 +83,10 @@ def plan(
 ) -> Bill:
     """The memory bill of one training setup (see tunesmith.planning.lines for every line's formula)."""
     dev = auto_device() if device == "auto" else device
-    prec = auto_precision(dev) if precision == "auto" else precision
+    m = method if isinstance(method, MethodConfig) else method_config(method, rank, targets, **method_options)
+    prec = auto_precision(dev, m.name) if precision == "auto" else precision
     if prec not in PRECISIONS:
         raise TunesmithError(f"precision '{precision}': use auto, {', '.join(PRECISIONS)}")
-    m = method if isinstance(method, MethodConfig) else method_config(method, rank, targets, **method_options)
     setup = Setup(seq_len=seq_len, batch=batch, grad_accum=grad_accum, precision=prec, checkpointing=checkpointing,
                   optimizer=get_method(m.name).optimizer or optimizer, devices=devices, zero=zero, loss=loss,
                   layout=layout, device=dev)

@@ -162,9 +162,13 @@ def notes(x: Inputs) -> list[str]:
         if qv:
             out.append(f"LoRA r={method.r} on this model: every linear layer ({len(spec.linears)} per layer) "
                        f"{n_all:,} parameters; q_proj and v_proj only {n_qv:,}.")
-    if x.setup.precision in ("bf16", "pure-bf16"):
-        out.append("tunesmith train loads the base in fp32 (bf16 only as autocast): plan it with precision amp "
-                   "(or fp32); bf16/pure-bf16 describe DeepSpeed/FSDP-style runs.")
+    p = x.setup.precision
+    if p == "pure-bf16" or (p == "bf16" and not x.tr.is_adapter):
+        out.append("tunesmith train keeps weights that train in fp32 (bf16 only as autocast): plan it with precision "
+                   "amp (or fp32); this regime describes DeepSpeed/FSDP-style runs.")
+    elif p == "amp" and x.tr.is_adapter:
+        out.append("tunesmith train stores an adapter method's frozen base in bf16 when bf16 is on: plan it with "
+                   "precision bf16.")
     return out
 
 

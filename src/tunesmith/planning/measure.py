@@ -41,7 +41,7 @@ from ..methods import get_method, load_kwargs, prepare_model
 from ..models import load_model, load_tokenizer
 from ..sizes import MiB, fmt_bytes
 from .bill import Bill, compute_bill
-from .setup import FULL_LOSS, SELECTIVE_LOSS, Setup
+from .setup import FULL_LOSS, SELECTIVE_LOSS, Setup, train_regime
 from .spec import load_spec
 
 M_MMAP_THRESHOLD = -3
@@ -191,7 +191,7 @@ def _preimport(config: RunConfig) -> None:
 def precision_of(config: RunConfig) -> str:
     from ..device import use_bf16
 
-    return "amp" if use_bf16(config.train.bf16) else "fp32"
+    return train_regime(use_bf16(config.train.bf16), config.method.name)
 
 
 def _run_config(config: RunConfig, batch: int, grad_accum: int, steps: int, out: str) -> RunConfig:

@@ -15,7 +15,7 @@ unusually long batch). GaLore is priced too and reported, but the tree never pre
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import yaml
@@ -25,7 +25,7 @@ from ..methods import full, galore, get_method, lora, qlora
 from ..sizes import fmt_bytes
 from .bill import Bill, compute_bill, parse_budget
 from .configs import recipe_model_ref
-from .setup import Setup
+from .setup import Setup, train_regime
 from .spec import load_spec
 
 MICRO_BATCHES = (8, 4, 2, 1)
@@ -105,7 +105,9 @@ def recommend(model, budget, *, seq_len: int = 2048, multi_task: bool = False, p
     spec = load_spec(model)
     budget_b = parse_budget(budget)
     limit = int(budget_b * (1 - headroom))
-    base = Setup(seq_len=seq_len, precision=precision, device=device, devices=devices, zero=zero)
+    # the recipe it writes trains with bf16 on or off; each candidate is billed in the regime train then runs it in
+    bf16 = precision != "fp32"
+    base = Setup(seq_len=seq_len, device=device, devices=devices, zero=zero)
     ranks_lora = (64, 32, 16) if multi_task else (16, 8)
     ranks_qlora = (16, 8) if multi_task else (8,)
     tree: list[tuple[str, MethodConfig]] = []
@@ -118,7 +120,7 @@ def recommend(model, budget, *, seq_len: int = 2048, multi_task: bool = False, p
         extras.insert(0, ("full fine-tuning", MethodConfig(name=FULL)))
     rec = Recommendation(spec.name, budget_b, headroom, None)
     for label, m in tree + extras:
-        fit, smallest = _best_setup(spec, m, base, limit)
+        fit, smallest = _best_setup(spec, m, replace(base, precision=train_regime(bf16, m.name)), limit)
         in_tree = (label, m) in tree
         if fit is not None and rec.chosen is None and in_tree:
             opt = Option(label, m, fit, True, f"fits: {fmt_bytes(fit.total)} <= {fmt_bytes(limit)} with {_describe(fit)}")

@@ -16,11 +16,21 @@ LOSSES = (SELECTIVE_LOSS, FULL_LOSS)
 LAYOUTS = ("padding_free", "padded")
 REGIME_TEXT = {
     "fp32": "fp32 weights, gradients, AdamW moments and activations (tunesmith train with bf16 off)",
-    "amp": "fp32 weights, gradients and moments; bf16 autocast activations (tunesmith train with bf16 on)",
-    "bf16": "bf16 weights and gradients, fp32 master copy and moments (DeepSpeed/FSDP mixed precision)",
+    "amp": "fp32 weights, gradients and moments; bf16 autocast activations (tunesmith train with bf16 on, "
+           "methods that train the weights)",
+    "bf16": "bf16 frozen weights, fp32 adapters and moments (tunesmith train with bf16 on, adapter methods); "
+            "bf16 trainable weights with an fp32 master copy (DeepSpeed/FSDP mixed precision)",
     "pure-bf16": "bf16 weights, gradients and AdamW moments, no master copy",
 }
 CHUNK_TOKENS = 1024
+
+
+def train_regime(bf16: bool, method: str) -> str:
+    """The regime `tunesmith train` runs `method` in: with bf16 on, an adapter method's frozen base is stored
+    in bf16 (methods.frozen_base_dtype) and a method that trains the weights keeps them fp32 under autocast."""
+    if not bf16:
+        return "fp32"
+    return "bf16" if METHODS[method].saves_adapter else "amp"
 
 
 @dataclass

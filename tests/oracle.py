@@ -33,12 +33,12 @@ def script_answers(monkeypatch, rows: list[dict], answer: Answer) -> list[int]:
 
     asked: list[int] = []
 
-    def generate(model, tokenizer, prompts, max_new_tokens):
+    def generate(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch=None):
         indices = [row_of(rows, p) for p in prompts]
         asked.extend(indices)
         return [answer(model, i, rows[i]) for i in indices]
 
-    monkeypatch.setattr(run, "generate_batch", generate)
+    monkeypatch.setattr(run, "generate_answers", generate)
     return asked
 
 

@@ -253,7 +253,7 @@ def test_json_match_with_a_reference_that_is_not_json(run, tmp_path, monkeypatch
     write_jsonl(tmp_path / "eval.jsonl", [rows[0], {**rows[1], "output": "Ana, Lima, 2 guests"}])
     config = load_config(run_dir / "config.yaml")
     config = config.model_copy(update={"data": config.data.model_copy(update={"eval": str(tmp_path / "eval.jsonl")})})
-    monkeypatch.setattr(eval_run, "generate_batch", lambda *a: pytest.fail("generated before checking the data"))
+    monkeypatch.setattr(eval_run, "generate_answers", lambda *a, **k: pytest.fail("generated before checking the data"))
     with pytest.raises(TunesmithError) as exc:
         eval_run.evaluate_loaded(eval_run.load_for_inference(str(run_dir)), config, progress=False)
     assert str(exc.value) == ("eval.scorer json_match: the reference answer of eval example 2 is not valid JSON "

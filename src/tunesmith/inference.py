@@ -1,6 +1,7 @@
 """Load what a user points at (run folder, recipe, model) for generation, and generate from it."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from .config import RunConfig, load_config
 from .data.masking import END_MARKERS
 from .data.templates import apply_template_override
 from .errors import TunesmithError
+from .generation import greedy_decode, shared_prefix
 from .models import broken_safetensors, load_model, load_tokenizer
 from .methods import get_method
 from .methods.adapter_stack import load_previous_adapters
@@ -92,23 +94,60 @@ def stop_token_ids(tokenizer) -> list[int]:
     return sorted(ids)
 
 
-@torch.inference_mode()
 def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy answers for rendered prompts, left-padded so every prompt ends where generation starts."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    finally:
-        tokenizer.padding_side = side
+    """Greedy answers for rendered prompts, generated as one batch."""
+    return generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size=max(len(prompts), 1))
+
+
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                     on_batch: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy answers for rendered prompts, in their order: `answer_tokens` decoded, special tokens dropped."""
+    rows = answer_tokens(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in rows]
+
+
+@torch.inference_mode()
+def answer_tokens(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                  on_batch: Callable[[int], None] | None = None) -> list[list[int]]:
+    """The tokens greedy `model.generate` writes after each rendered prompt (through its first stop token).
+
+    Prompts run shortest first in batches of `batch_size` (less padding per batch); the tokens every prompt
+    starts with (the system turn, the task's instruction) go through the model once for all batches.
+    `on_batch(n)` is called after each batch of n prompts (a progress bar).
+    """
+    if not prompts:
+        return []
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     device = next(model.parameters()).device
-    out = model.generate(
-        input_ids=enc["input_ids"].to(device),
-        attention_mask=enc["attention_mask"].to(device),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=stop_token_ids(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    new = out[:, enc["input_ids"].shape[1]:]
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+    shared = common_prefix(ids) if len(ids) > 1 else []
+    prefix = shared_prefix(model, shared)
+    stops = stop_token_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    answers: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        input_ids, mask = left_padded([ids[i][len(shared):] for i in batch], pad)
+        rows = greedy_decode(model, input_ids.to(device), mask.to(device), max_new_tokens, stops, prefix)
+        for i, row in zip(batch, rows):
+            answers[i] = row
+        if on_batch is not None:
+            on_batch(len(batch))
+    return answers
+
+
+def common_prefix(rows: list[list[int]]) -> list[int]:
+    """The longest start all rows share, leaving each row at least one token of its own."""
+    limit = min(len(r) for r in rows) - 1
+    length = 0
+    while length < limit and all(r[length] == rows[0][length] for r in rows):
+        length += 1
+    return rows[0][:length]
+
+
+def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) with every row padded on the left to the longest, as generation needs."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return ids, mask

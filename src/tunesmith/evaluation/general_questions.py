@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..data.masking import tokenize_conversation
 from ..data.templates import render
-from ..inference import generate_batch
+from ..inference import generate_answers
 from ..paths import tunesmith_home
 from .perplexity import supervised_nll
 
@@ -68,10 +68,7 @@ def _conversation(question: str, answer: str | None = None) -> list[dict]:
 
 def answer_questions(model, tokenizer, questions: list[str] = QUESTIONS) -> list[str]:
     prompts = [render(tokenizer, _conversation(q), add_generation_prompt=True) for q in questions]
-    answers: list[str] = []
-    for i in range(0, len(prompts), BATCH_SIZE):
-        answers.extend(generate_batch(model, tokenizer, prompts[i : i + BATCH_SIZE], MAX_NEW_TOKENS))
-    return answers
+    return generate_answers(model, tokenizer, prompts, MAX_NEW_TOKENS, BATCH_SIZE)
 
 
 def cache_path(base_label: str, tokenizer, questions: list[str] = QUESTIONS) -> Path:

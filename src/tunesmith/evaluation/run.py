@@ -11,7 +11,7 @@ from ..data.assemble import eval_conversations
 from ..data.dataset import tokenize_all
 from ..data.templates import render
 from ..errors import TunesmithError
-from ..inference import generate_batch, load_for_inference
+from ..inference import generate_answers, load_for_inference
 from ..routing import NO_ROUTES, find_route, group_by_route, serving, task_routes
 from .perplexity import supervised_nll
 from .scorers import SCORERS, check_references
@@ -22,11 +22,8 @@ def score_generations(model, tokenizer, convs, scorer: str, max_new_tokens: int,
     prompts = [render(tokenizer, conv[:-1], add_generation_prompt=True, where=where) for conv, where in convs]
     references = [conv[-1]["content"] for conv, _ in convs]
     check_references(scorer, references)
-    predictions: list[str] = []
     bar = tqdm(total=len(prompts), desc="generate", unit="ex", disable=not progress, dynamic_ncols=True)
-    for i in range(0, len(prompts), batch_size):
-        predictions.extend(generate_batch(model, tokenizer, prompts[i : i + batch_size], max_new_tokens))
-        bar.update(len(prompts[i : i + batch_size]))
+    predictions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, on_batch=bar.update)
     bar.close()
     scores = [score_fn(p, r) for p, r in zip(predictions, references)]
     samples = [{"prediction": p, "reference": r, "score": s} for p, r, s in zip(predictions, references, scores)]

@@ -42,3 +42,15 @@ def test_eval_examples_grouped_by_their_first_user_message():
     convs = [_conv("[Booking] Ana"), _conv("[Shopping] eggs"), _conv("no prefix"), _conv("[Booking] EU Bo")]
     groups = group_by_route([BOOKING, EU, SHOPPING], convs)
     assert groups == {"booking": [convs[0]], "shopping": [convs[1]], "": [convs[2]], "eu": [convs[3]]}
+
+
+def test_chat_starts_with_the_runs_system_prompt_unless_given_one(tiny_model_dir):
+    """Training rendered every example with data.system_prompt; chat (like the server) answers under it too."""
+    from tunesmith.chat import make_chat_session
+    from tunesmith.config import load_config
+    from tunesmith.inference import LoadedModel
+
+    config = load_config({"model": str(tiny_model_dir), "data": {"train": "x.jsonl", "system_prompt": "Answer in JSON."}})
+    loaded = LoadedModel(model=None, tokenizer=None, config=config, label="run")
+    assert make_chat_session(loaded).messages() == [{"role": "system", "content": "Answer in JSON."}]
+    assert make_chat_session(loaded, system="Be brief.").messages() == [{"role": "system", "content": "Be brief."}]

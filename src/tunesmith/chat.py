@@ -99,6 +99,11 @@ class TaskChatSession(ChatSession):
 
 
 def make_chat_session(loaded: LoadedModel, adapter: str | None = None, **kwargs) -> ChatSession:
-    """A ChatSession that puts the task prefix on the first user message and serves with the task's adapters."""
+    """A ChatSession that puts the task prefix on the first user message and serves with the task's adapters.
+
+    Without a `system` of its own it starts with the run's `data.system_prompt`, as training rendered every
+    example (and as the server answers)."""
+    if kwargs.get("system") is None and loaded.config is not None:
+        kwargs["system"] = loaded.config.data.system_prompt
     router = router_for(loaded, adapter)
     return ChatSession(loaded, **kwargs) if router is None else TaskChatSession(loaded, router, **kwargs)

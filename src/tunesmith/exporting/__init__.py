@@ -1,16 +1,17 @@
-"""`tunesmith.export(run)`: a plain Hugging Face folder that loads without tunesmith or PEFT."""
+"""`tunesmith.export(run)`: a plain Hugging Face folder that loads without tunesmith or PEFT.
+
+The other formats live beside it: `gguf` (one .gguf + an Ollama Modelfile, for llama.cpp, Ollama, LM Studio)
+and `vllm` (the adapters in the layout vLLM loads, a serve.sh and the chat template).
+"""
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-import torch
-
-from .errors import TunesmithError
-from .inference import load_for_inference, stop_token_ids
-from .methods import get_method
-from .outdir import check_target, inputs, model_input, staged
-from .rundir import CONFIG_FILE, is_adapter_run, is_run_dir, load_run_config
+from ..errors import TunesmithError
+from ..outdir import check_target, inputs, model_input, staged
+from ..rundir import CONFIG_FILE, is_run_dir, load_run_config
+from .merged import merged_model as _merged_model
 
 
 def export(run_dir: str, out: str, merge: bool = True, overwrite: bool = False) -> Path:
@@ -39,17 +40,3 @@ def export(run_dir: str, out: str, merge: bool = True, overwrite: bool = False) 
         shutil.copy(Path(run_dir) / CONFIG_FILE, tmp / "tunesmith_run.yaml")
     return target
 
-
-def _merged_model(run_dir: str, config):
-    """The run's model with its adapter merged in, ready to save as a plain folder, and its tokenizer."""
-    loaded = load_for_inference(run_dir)
-    if not is_adapter_run(run_dir):
-        model = loaded.model
-    else:
-        model = get_method(config.method.name).merge(loaded.model, run_dir)
-    model = model.to(torch.float32)
-    model.config.use_cache = True
-    stops = stop_token_ids(loaded.tokenizer)
-    model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
-    model.generation_config.pad_token_id = loaded.tokenizer.pad_token_id
-    return model, loaded.tokenizer

@@ -29,6 +29,8 @@ app = _App(help="Fine-tune your own language model end to end.", no_args_is_help
 models_app = typer.Typer(help="Built-in models: list them, convert them into the cache.", no_args_is_help=True)
 config_app = typer.Typer(help="Show a recipe with every default filled in.", no_args_is_help=True)
 data_app = typer.Typer(help="Look at the data the way the model will see it.", no_args_is_help=True)
+datagen_app = typer.Typer(help="Build training data: self-instruct, evol, augment, dedup, filter, select.",
+                          no_args_is_help=True)
 @app.callback()
 def _setup() -> None:
     from .quiet import quiet_libraries
@@ -39,6 +41,7 @@ def _setup() -> None:
 app.add_typer(models_app, name="models")
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
+app.add_typer(datagen_app, name="datagen")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -438,16 +441,71 @@ def _chat_loop(session, answer) -> None:
 
 
 @app.command()
-def export(
-    run_dir: str,
-    out_dir: str = typer.Option(..., "--out", help="Folder to write."),
-    merge: bool = typer.Option(True, "--merge/--no-merge", help="Merge the adapter into the base weights."),
-    overwrite: bool = typer.Option(False, help="Replace a non-empty --out folder."),
+def serve(
+    target: str = typer.Argument(..., help="A run folder, a trained recipe, or a model reference."),
+    adapter: Optional[List[str]] = typer.Option(None, "--adapter", help="Also serve another run's adapter trained "
+                                                "on the same base, as NAME=RUN (repeatable)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; 0.0.0.0 lets other machines in."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TUNESMITH_API_KEY", show_envvar=True,
+                                          help="Require 'Authorization: Bearer KEY' on every request."),
+    base: bool = typer.Option(False, help="Serve the recipe's base model without the adapter."),
+    max_batch: int = typer.Option(16, help="Most answers generated together in one batch."),
+    max_queue: int = typer.Option(64, help="Most requests waiting; beyond it the server answers 429."),
 ):
-    """Write a plain Hugging Face model folder (merged) or a copy of the adapter."""
+    """Serve a model and its adapters over an OpenAI-compatible API (/v1/chat/completions, /v1/completions)."""
+    from .serving.server import exposure_warning, serve as run_server
+
+    warning = exposure_warning(host, api_key)
+    if warning:
+        err.print(warning, markup=False, highlight=False)
+
+    def ready(url: str, names: List[str]) -> None:
+        err.print(f"serving {target} at {url} (models: {', '.join(names)}); Ctrl+C stops", markup=False, highlight=False)
+
+    _run(lambda: run_server(target, adapter or [], host=host, port=port, api_key=api_key, base=base,
+                            max_batch=max_batch, max_queue=max_queue, on_ready=ready))
+
+
+@app.command()
+def export(
+    runs: List[str] = typer.Argument(..., help="The run folder; with --vllm one or more, each RUN or NAME=RUN."),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="Folder to write (hf and gguf formats)."),
+    merge: bool = typer.Option(True, "--merge/--no-merge", help="Merge the adapter into the base weights."),
+    overwrite: bool = typer.Option(False, help="Replace a non-empty --out (or --vllm) folder."),
+    fmt: str = typer.Option("hf", "--format", help="hf: a Hugging Face folder; gguf: one .gguf + an Ollama Modelfile "
+                            "(llama.cpp, Ollama, LM Studio)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="With --format gguf: f16 (default), bf16, q8_0 or q4_0."),
+    vllm: Optional[str] = typer.Option(None, "--vllm", help="Write DIR for vLLM instead: the LoRA adapters, serve.sh "
+                                       "(vllm serve BASE --enable-lora --lora-modules NAME=PATH ...) and the chat template."),
+):
+    """Write a plain Hugging Face model folder (merged), a copy of the adapter, a GGUF file, or a vLLM folder."""
+    _check_options(
+        (fmt not in ("hf", "gguf"), f"--format {fmt}: unknown; choose hf or gguf"),
+        (vllm is not None and (out_dir is not None or fmt != "hf" or quant is not None),
+         "--vllm DIR writes its own folder of adapters; leave out --out, --format and --quant"),
+        (vllm is None and len(runs) > 1, f"export takes one run folder ({len(runs)} given); several only with --vllm"),
+        (vllm is None and out_dir is None, "export needs --out DIR (or --vllm DIR for a vLLM folder)"),
+        (quant is not None and fmt != "gguf", "--quant applies to --format gguf"),
+        (fmt == "gguf" and not merge, "--format gguf writes the merged model; leave out --no-merge"),
+    )
+    if vllm is not None:
+        from .exporting.vllm import export_vllm
+
+        path = _run(lambda: export_vllm(runs, vllm, overwrite=overwrite))
+        out.print(f"vLLM folder written to {path}; start the server with: bash {Path(path) / 'serve.sh'}",
+                  highlight=False, soft_wrap=True)
+        return
+    if fmt == "gguf":
+        from .exporting.gguf import export_gguf
+
+        path = _run(lambda: export_gguf(runs[0], out_dir, quant=quant or "f16", overwrite=overwrite))
+        out.print(f"GGUF written to {path} (Modelfile beside it); run it with: llama-cli -m {path}, or "
+                  f"cd {path.parent} && ollama create NAME -f Modelfile", highlight=False, soft_wrap=True)
+        return
     from .exporting import export as run_export
 
-    path = _run(lambda: run_export(run_dir, out_dir, merge=merge, overwrite=overwrite))
+    path = _run(lambda: run_export(runs[0], out_dir, merge=merge, overwrite=overwrite))
     what = "merged model" if merge else "adapter"
     out.print(f"{what} written to {path}; load it with AutoModelForCausalLM.from_pretrained('{Path(path)}')"
               if merge else f"{what} written to {path}")
@@ -544,7 +602,8 @@ def plan(
     grad_accum: int = typer.Option(1, help="Gradient accumulation steps."),
     budget: Optional[str] = typer.Option(None, help="Memory per device, e.g. 24GiB (2^30 bytes each) or 80GB (10^9 bytes each)."),
     precision: str = typer.Option("auto", help="auto (what train would run here), fp32, amp (fp32 weights + bf16 "
-                                  "autocast), bf16 (bf16 weights + fp32 master), pure-bf16."),
+                                  "autocast), bf16 (bf16 frozen base, fp32 adapters; or bf16 weights + fp32 "
+                                  "master), pure-bf16."),
     checkpointing: bool = typer.Option(False, help="Gradient checkpointing."),
     optimizer: str = typer.Option("adamw", help="adamw, adamw8bit or galore."),
     devices: int = typer.Option(1, help="Data-parallel devices."),
@@ -597,6 +656,141 @@ def plan(
         _print_json(result)
     if bill.fits is False:
         raise typer.Exit(2)
+
+
+# ---- datagen ----------------------------------------------------------------------------------
+TeacherOption = typer.Option("smollm2-135m-instruct", "--teacher", help="An OpenAI-compatible endpoint "
+                             "(http://host:port/v1: tunesmith serve, vLLM, Ollama, llama.cpp, a hosted API) or a "
+                             "model to load here (a built-in name, a folder, a hub id).")
+TeacherModelOption = typer.Option(None, "--model", help="Model name at the endpoint (default: the first it lists).")
+KeyEnvOption = typer.Option(None, "--key-env", help="Environment variable holding the endpoint's API key "
+                            "(default: OPENAI_API_KEY if set; local servers need none).")
+ConcurrencyOption = typer.Option(4, "--concurrency", help="Requests in flight at once (endpoint teachers).")
+RetriesOption = typer.Option(5, "--retries", help="Retries on 429, 5xx, timeouts and refused connections.")
+DataSeedOption = typer.Option(0, "--seed", help="Sampling seed: the same seed and data give the same requests.")
+TeacherTokensOption = typer.Option(256, "--max-tokens", help="Most tokens per teacher reply (a reply cut by it is "
+                                   "dropped); 256 suits the built-in model on a CPU, raise it for a served teacher.")
+OutFileOption = typer.Option(..., "--out", help="Output .jsonl file (generating steps continue it when rerun).")
+
+
+def _teacher(teacher: str, model: Optional[str], key_env: Optional[str], concurrency: int, retries: int):
+    """The spec only: each step checks its files before it loads the model or asks the server."""
+    from .datagen.teachers import TeacherSpec
+
+    return TeacherSpec(teacher, model=model, key_env=key_env, concurrency=concurrency, retries=retries)
+
+
+def _datagen_report(report, as_json: bool) -> None:
+    path = report.write()
+    if as_json:
+        return _print_json(report.as_dict() | {"report": str(path)})
+    for line in report.lines():
+        out.print(escape(line), highlight=False)
+    out.print(f"  report {escape(str(path))}", highlight=False)
+
+
+@datagen_app.command("self-instruct")
+def datagen_self_instruct(
+    seeds: str, n: int = typer.Option(100, "--n", help="New instructions to add (each with its instances)."),
+    out_file: str = OutFileOption, teacher: str = TeacherOption, model: Optional[str] = TeacherModelOption,
+    key_env: Optional[str] = KeyEnvOption, concurrency: int = ConcurrencyOption, retries: int = RetriesOption,
+    seed: int = DataSeedOption, max_tokens: int = TeacherTokensOption, as_json: bool = JsonOption,
+):
+    """Grow instructions from seed rows with Self-Instruct (ROUGE-L < 0.7 against the pool), with instances."""
+    from .datagen.self_instruct import SelfInstructOptions, self_instruct
+
+    _check_options((n < 1, f"--n must be at least 1, got {n}"))
+    _run(lambda: _datagen_report(self_instruct(seeds, out_file, _teacher(teacher, model, key_env, concurrency, retries),
+                                               SelfInstructOptions(n=n, seed=seed, batch=concurrency,
+                                                                   max_tokens=max_tokens)), as_json))
+
+
+@datagen_app.command("evol")
+def datagen_evol(
+    seeds: str, rounds: int = typer.Option(1, "--rounds", help="Evolution rounds."), out_file: str = OutFileOption,
+    teacher: str = TeacherOption, model: Optional[str] = TeacherModelOption, key_env: Optional[str] = KeyEnvOption,
+    concurrency: int = ConcurrencyOption, retries: int = RetriesOption, seed: int = DataSeedOption,
+    max_tokens: int = TeacherTokensOption, as_json: bool = JsonOption,
+):
+    """Evolve instructions with Evol-Instruct (in-depth and in-breadth) and answer them."""
+    from .datagen.evol import EvolOptions, evol
+
+    _check_options((rounds < 1, f"--rounds must be at least 1, got {rounds}"))
+    _run(lambda: _datagen_report(evol(seeds, out_file, _teacher(teacher, model, key_env, concurrency, retries),
+                                      EvolOptions(rounds=rounds, seed=seed, max_tokens=max_tokens)), as_json))
+
+
+@datagen_app.command("augment")
+def datagen_augment(
+    data: str, ops: str = typer.Option("paraphrase", "--ops", help="Comma-separated: paraphrase, backtranslate, cot."),
+    pivot: str = typer.Option("French", "--pivot", help="Pivot language of backtranslate."),
+    out_file: str = OutFileOption, teacher: str = TeacherOption, model: Optional[str] = TeacherModelOption,
+    key_env: Optional[str] = KeyEnvOption, concurrency: int = ConcurrencyOption, retries: int = RetriesOption,
+    seed: int = DataSeedOption, max_tokens: int = TeacherTokensOption, as_json: bool = JsonOption,
+):
+    """Paraphrase or back-translate instructions, or expand answers with chain of thought."""
+    from .datagen.augment import AugmentOptions, augment
+
+    options = AugmentOptions(ops=tuple(o.strip() for o in ops.split(",") if o.strip()), pivot=pivot, seed=seed,
+                             max_tokens=max_tokens)
+    _run(lambda: options.check() or _datagen_report(
+        augment(data, out_file, _teacher(teacher, model, key_env, concurrency, retries), options), as_json))
+
+
+@datagen_app.command("dedup")
+def datagen_dedup(
+    data: str, out_file: str = OutFileOption,
+    threshold: float = typer.Option(0.8, "--threshold", help="Jaccard similarity above which rows are near duplicates."),
+    shingle: int = typer.Option(3, "--shingle", help="Words per shingle."), as_json: bool = JsonOption,
+):
+    """Drop exact (normalised) and near (MinHash LSH) duplicates, keeping the first of each cluster."""
+    from .datagen.dedup import DedupOptions, dedup
+
+    _run(lambda: _datagen_report(dedup(data, out_file, DedupOptions(threshold=threshold, shingle=shingle)), as_json))
+
+
+@datagen_app.command("filter")
+def datagen_filter(
+    data: str, out_file: str = OutFileOption,
+    tokenizer: str = typer.Option("smollm2-135m-instruct", "--tokenizer", help="Model whose tokenizer counts tokens."),
+    min_tokens: int = typer.Option(1, "--min-tokens", help="Fewest answer tokens."),
+    max_tokens: int = typer.Option(2048, "--max-tokens", help="Most tokens of instruction + input + answer."),
+    language: str = typer.Option("en", "--language", help="en (mostly ASCII letters) or any."),
+    as_json: bool = JsonOption,
+):
+    """Drop rows by rule (length, empty or refusal answers, language, copied instruction, loader errors)."""
+    from .datagen.filtering import FilterOptions, filter_file
+
+    options = FilterOptions(min_tokens=min_tokens, max_tokens=max_tokens, language=language)
+    _run(lambda: _datagen_report(filter_file(data, out_file, options, model=tokenizer), as_json))
+
+
+@datagen_app.command("select")
+def datagen_select(
+    data: str, n: int = typer.Option(1000, "--n", help="Rows to keep."), out_file: str = OutFileOption,
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="Base model that scores the rows."),
+    diversity: float = typer.Option(0.7, "--diversity", help="Skip rows whose instruction has ROUGE-L F above this "
+                                    "with a kept one."),
+    as_json: bool = JsonOption,
+):
+    """Keep the best n rows by Instruction-Following Difficulty with the base model, diverse."""
+    from .datagen.selection import SelectOptions, select
+
+    options = SelectOptions(n=n, diversity=diversity)
+    _run(lambda: options.check() or _datagen_report(select(data, out_file, options, model=model), as_json))
+
+
+@datagen_app.command("run")
+def datagen_run(
+    spec: str = typer.Argument(..., help="A YAML spec of one step: `step:` (self-instruct, evol, augment, dedup, "
+                               "filter, select), `input:`, `out:` and that step's options by their option names."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a spec key, e.g. --set n=50 (repeatable)."),
+    as_json: bool = JsonOption,
+):
+    """Run one datagen step from a YAML spec, validated like a recipe."""
+    from .datagen.spec import run_spec
+
+    _run(lambda: _datagen_report(run_spec(spec, set_ or []), as_json))
 
 
 def main():

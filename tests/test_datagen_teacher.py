@@ -134,8 +134,11 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 
 @pytest.mark.slow
-def test_builtin_model_as_teacher_paraphrases_end_to_end(tmp_path):
-    """The real built-in model, in-process: two rows augmented, the output loads as training data."""
+@pytest.mark.parametrize("served", [False, True], ids=["in-process", "tunesmith-serve"])
+def test_builtin_model_as_teacher_paraphrases_end_to_end(tmp_path, served):
+    """The real built-in model, in-process or behind `tunesmith serve` (the OpenAI client talking to our own
+    server): two rows augmented, the output loads as training data."""
+    import contextlib
     import json
 
     from helpers import write_jsonl
@@ -143,14 +146,17 @@ def test_builtin_model_as_teacher_paraphrases_end_to_end(tmp_path):
     from tunesmith.data.formats import to_conversation
     from tunesmith.data.loading import load_rows
     from tunesmith.datagen.augment import AugmentOptions, augment
+    from tunesmith.serving.server import BackgroundServer
 
     data = write_jsonl(tmp_path / "d.jsonl", [
         {"id": "sky", "instruction": "Explain why the sky is blue.", "output": "Air scatters blue light most."},
         {"id": "tea", "instruction": "Give one tip for brewing green tea.", "output": "Use water below boiling."}])
-    report = augment(data, tmp_path / "aug.jsonl", TeacherSpec("smollm2-135m-instruct"),
-                     AugmentOptions(ops=("paraphrase",), max_tokens=48))
+    with BackgroundServer("smollm2-135m-instruct") if served else contextlib.nullcontext() as server:
+        teacher = TeacherSpec(server.url if served else "smollm2-135m-instruct")
+        report = augment(data, tmp_path / "aug.jsonl", teacher, AugmentOptions(ops=("paraphrase",), max_tokens=48))
     rows = [json.loads(line) for line in (tmp_path / "aug.jsonl").read_text().splitlines()]
     assert report.rows_out == len(rows) and report.rows_out + sum(report.dropped.values()) == 2
-    assert report.teacher["requests"] == 2 and report.teacher["completion_tokens"] > 0
+    # served: one GET /models finds the model's name, then one completion per row
+    assert report.teacher["requests"] == (3 if served else 2) and report.teacher["completion_tokens"] > 0
     for row in load_rows(str(tmp_path / "aug.jsonl")):
         assert to_conversation(row, "auto")[-1]["content"] in ("Air scatters blue light most.", "Use water below boiling.")

@@ -116,7 +116,7 @@ def test_pre_tokenizer_names_follow_llama_cpps_splits():
     from tunesmith.exporting.gguf import LLAMA3_SPLIT, pre_tokenizer_name
 
     bpe = {"model": {"type": "BPE"}, "decoder": {"type": "ByteLevel"}}
-    assert pre_tokenizer_name({**bpe, "pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt2"
+    assert pre_tokenizer_name({**bpe, "pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
     digits = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
                                                     {"type": "ByteLevel", "use_regex": True}]}
     assert pre_tokenizer_name({**bpe, "pre_tokenizer": digits}) == "smollm"
@@ -223,7 +223,7 @@ def test_metadata_names_and_types_as_llama_cpp_reads_them(exported, tokenizer):
         assert field["general.file_type"] == {"f16": 1, "q8_0": 7, "q4_0": 2}[quant]  # llama.cpp's LLAMA_FTYPE_*
         assert (field["llama.block_count"], field["llama.embedding_length"], field["llama.attention.head_count"],
                 field["llama.attention.head_count_kv"], field["llama.rope.dimension_count"]) == (2, 64, 4, 2, 16)
-        assert field["tokenizer.ggml.model"] == "gpt2" and field["tokenizer.ggml.pre"] == "gpt2"
+        assert field["tokenizer.ggml.model"] == "gpt2" and field["tokenizer.ggml.pre"] == "gpt-2"
         vocab = tokenizer.get_vocab()
         assert field["tokenizer.ggml.eos_token_id"] == vocab[IM_END] == field["tokenizer.ggml.eot_token_id"]
         assert field["tokenizer.ggml.bos_token_id"] == vocab["<|im_start|>"]

@@ -160,8 +160,9 @@ LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{
 
 
 def pre_tokenizer_name(spec: dict) -> str:
-    """llama.cpp's pre-tokenizer that splits text as this tokenizer.json does: `gpt2` for GPT-2's byte-level regex,
-    `smollm` for single digits then GPT-2's regex, `llama-bpe` for Llama 3's split."""
+    """llama.cpp's pre-tokenizer that splits text as this tokenizer.json does: `gpt-2` for GPT-2's byte-level
+    regex (llama.cpp's spelling: it refuses `gpt2`), `smollm` for single digits then GPT-2's regex, `llama-bpe`
+    for Llama 3's split."""
     if spec["model"]["type"] != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
         raise TunesmithError(
             f"--format gguf writes byte-level BPE tokenizers (GPT-2 style); this one is {spec['model']['type']}: "
@@ -171,7 +172,7 @@ def pre_tokenizer_name(spec: dict) -> str:
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT \

@@ -58,3 +58,21 @@ def fails(result, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in result.stderr, f"{fragment!r} not in stderr: {result.stderr}"
     return result.stderr
+
+
+def task_recipe(tmp: Path, model_dir, name: str, rows: list[dict], held: list[dict], prefix: str, *,
+                steps: int = 2, eval_section: dict | None = None, **extra) -> dict:
+    """A LoRA recipe on the tiny model for one task (its rows written under tmp, its task prefix), as the
+    continual and serving tests train them; `extra` adds or replaces top-level keys."""
+    write_jsonl(tmp / f"{name}-train.jsonl", rows)
+    write_jsonl(tmp / f"{name}-eval.jsonl", held)
+    return {
+        "model": str(model_dir),
+        "data": {"train": str(tmp / f"{name}-train.jsonl"), "eval": str(tmp / f"{name}-eval.jsonl"),
+                 "max_length": 256, "task_prefix": prefix},
+        "method": {"name": "lora", "r": 4, "alpha": 8},
+        "train": {"max_steps": steps, "batch_size": 4, "lr": 1e-2, "bf16": False, "eval_each_epoch": False},
+        "eval": {"scorer": "exact_match", "batch_size": 4, **(eval_section or {})},
+        "output_dir": str(tmp / name),
+        **extra,
+    }

@@ -22,25 +22,13 @@ from tunesmith.methods.adapter_stack import attach_previous, merge_previous_into
 from tunesmith.regularize.orthogonality import OrthogonalityTerm
 from tunesmith.routing import first_user_text, task_routes
 
-from helpers import write_jsonl
+from helpers import task_recipe
 from oracle import read_rows, script_answers
 
 
 def _recipe(tmp: Path, model_dir, name: str, rows, held, prefix: str, **extra) -> dict:
-    write_jsonl(tmp / f"{name}-train.jsonl", rows)
-    write_jsonl(tmp / f"{name}-eval.jsonl", held)
-    recipe = {
-        "model": str(model_dir),
-        "data": {"train": str(tmp / f"{name}-train.jsonl"), "eval": str(tmp / f"{name}-eval.jsonl"),
-                 "max_length": 256, "task_prefix": prefix},
-        "method": {"name": "lora", "r": 4, "alpha": 8},
-        "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-2, "bf16": False, "eval_each_epoch": False},
-        "eval": {"scorer": "exact_match", "max_new_tokens": 4, "batch_size": 2, "limit": 2, "general_tokens": 128},
-        "output_dir": str(tmp / name),
-    }
-    for k, v in extra.items():
-        recipe[k] = v
-    return recipe
+    return task_recipe(tmp, model_dir, name, rows, held, prefix, **extra,
+                       eval_section={"max_new_tokens": 4, "batch_size": 2, "limit": 2, "general_tokens": 128})
 
 
 @pytest.fixture(scope="module")

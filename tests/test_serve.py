@@ -29,7 +29,7 @@ from tunesmith.data.templates import render
 from tunesmith.inference import generate_batch, load_for_inference
 from tunesmith.serving.server import BackgroundServer, exposure_warning
 
-from helpers import fails, invoke, ok, write_jsonl
+from helpers import fails, invoke, ok, task_recipe
 
 KEY = "test-key"
 NAMES = ["task1", "task2", "booking"]
@@ -39,17 +39,8 @@ def _train(tmp: Path, model_dir, name: str, rows, held, prefix: str, seed: int, 
     """A 1-step LoRA run whose lora_B weights are then randomised, so its adapter changes answers visibly."""
     from tunesmith.training.run import train
 
-    write_jsonl(tmp / f"{name}-train.jsonl", rows)
-    write_jsonl(tmp / f"{name}-eval.jsonl", held)
-    recipe = {
-        "model": str(model_dir),
-        "data": {"train": str(tmp / f"{name}-train.jsonl"), "eval": str(tmp / f"{name}-eval.jsonl"),
-                 "max_length": 256, "task_prefix": prefix},
-        "method": {"name": "lora", "r": 4, "alpha": 8},
-        "train": {"max_steps": 1, "batch_size": 4, "lr": 1e-2, "bf16": False, "eval_each_epoch": False},
-        "eval": {"scorer": "exact_match", "max_new_tokens": 6, "batch_size": 4, "limit": 4},
-        "output_dir": str(tmp / name), **extra,
-    }
+    recipe = task_recipe(tmp, model_dir, name, rows, held, prefix, steps=1,
+                         eval_section={"max_new_tokens": 6, "limit": 4}, **extra)
     run = train(load_config(recipe), progress=False).output_dir
     path = run / "adapter_model.safetensors"
     g = torch.Generator().manual_seed(seed)

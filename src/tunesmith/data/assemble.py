@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from ..config import RunConfig
 from ..errors import TunesmithError
+from ..objectives import get_objective
 from .dataset import PreparedData, split_conversations, tokenize_all
 from .formats import Conversation
 from .mixing import mix_train
+from .preference import prepare_preference_data, split_pairs
 from .prefixes import load_task_conversations
 from .templates import apply_template_override
 
@@ -47,6 +49,8 @@ def untagged(tagged: list[Tagged]) -> list[tuple[Conversation, str]]:
 
 def prepare_data(config: RunConfig, tokenizer) -> PreparedData:
     """The train and eval examples of a run, exactly as the trainer receives them, with their stats."""
+    if get_objective(config.train.objective).preference:
+        return prepare_preference_data(config, tokenizer)  # (prompt, chosen, rejected) pairs, not conversations
     apply_template_override(tokenizer, config.data.chat_template)
     train, held = split_tasks(config)
     mixed = needs_mixing(config)
@@ -66,8 +70,12 @@ def prepare_data(config: RunConfig, tokenizer) -> PreparedData:
 
 
 def eval_conversations(config: RunConfig) -> list[tuple[Conversation, str]]:
-    """The held-out conversations prepare_data tokenizes for eval: data.eval, or the split training held out."""
-    _, held = split_tasks(config)
+    """The held-out conversations prepare_data tokenizes for eval: data.eval, or the split training held out.
+    A preference run's are its held-out prompts with the chosen reply as the answer to score against."""
+    if get_objective(config.train.objective).preference:
+        held = [(pair.prompt + [pair.chosen], pair.where) for pair in split_pairs(config)[1]]
+    else:
+        held = untagged(split_tasks(config)[1])
     if not held:
         raise TunesmithError("no eval data: set data.eval, or a data.eval_split > 0 with more than one training row")
-    return untagged(held)
+    return held

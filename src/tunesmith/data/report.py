@@ -5,9 +5,12 @@ from dataclasses import dataclass
 
 from ..config import RunConfig
 from ..errors import TunesmithError
+from ..objectives import get_objective
 from .assemble import hold_out, prepare_data, untagged
+from .loading import load_rows
 from .masking import END_OF_TURN, IGNORE_INDEX, TokenizedExample, tokenize_conversation
 from .prefixes import load_task_conversations
+from .preference import PreferenceExample, to_preference_pair, tokenize_pair
 from .templates import apply_template_override, marks_roles
 
 
@@ -30,12 +33,16 @@ def inspect_examples(config: RunConfig, tokenizer, n: int = 2) -> list[dict]:
     as token tables: id, text, whether it carries loss, and why."""
     out = []
     for index, ex in enumerate(prepare_data(config, tokenizer).train[:n]):
-        texts = token_texts(tokenizer, ex.input_ids)
-        tokens = [
-            {"id": tid, "text": text, "loss": label != IGNORE_INDEX, "why": why}
-            for tid, text, label, why in zip(ex.input_ids, texts, ex.labels, ex.categories)
-        ]
-        out.append({"index": index, "where": ex.where, "truncated": ex.truncated, "tokens": tokens})
+        # a preference pair is shown as its two sequences, each with the reply that carries log-probs
+        sides = [(f"{ex.where} chosen", ex.chosen), (f"{ex.where} rejected", ex.rejected)] if isinstance(
+            ex, PreferenceExample) else [(ex.where, ex)]
+        for where, seq in sides:
+            texts = token_texts(tokenizer, seq.input_ids)
+            tokens = [
+                {"id": tid, "text": text, "loss": label != IGNORE_INDEX, "why": why}
+                for tid, text, label, why in zip(seq.input_ids, texts, seq.labels, seq.categories)
+            ]
+            out.append({"index": index, "where": where, "truncated": seq.truncated, "tokens": tokens})
     return out
 
 
@@ -69,6 +76,8 @@ def check_data(config: RunConfig, tokenizer) -> list[Finding]:
             "the template renders user and assistant messages the same way, so the model cannot tell who speaks; "
             "set data.chat_template to a template that marks roles",
         ))
+    if get_objective(config.train.objective).preference:
+        return findings + _check_pairs(tokenizer, config)
     loaded = {}
     for key, which in [("data.train", "train")] + ([("data.eval", "eval")] if config.data.eval else []):
         try:
@@ -86,6 +95,38 @@ def check_data(config: RunConfig, tokenizer) -> list[Finding]:
             f"pad token == eos token ({tokenizer.eos_token!r}). Masking labels by token id (as many guides do) would "
             "also mask the real end of turn and the model would never learn to stop; tunesmith masks padding by position.",
         ))
+    return findings
+
+
+def _check_pairs(tokenizer, config: RunConfig) -> list[Finding]:
+    """Every bad preference row (not only the first), and pairs whose replies would not teach the model to stop."""
+    findings, too_long, total = [], 0, 0
+    sources = [("data.train", config.data.train)] + ([("data.eval", config.data.eval)] if config.data.eval else [])
+    for key, source in sources:
+        try:
+            rows = load_rows(source, config.data.split)
+        except TunesmithError as exc:
+            findings.append(Finding("error", key, str(exc)))
+            continue
+        for row in rows:
+            total += 1
+            try:
+                ex = tokenize_pair(tokenizer, to_preference_pair(row, config.data.system_prompt), config.data.max_length,
+                                   config.data.truncation)
+            except TunesmithError as exc:
+                findings.append(Finding("error", row.where, str(exc)))
+                continue
+            if ex is None:
+                too_long += 1
+                continue
+            for side, seq in (("chosen", ex.chosen), ("rejected", ex.rejected)):
+                if not ends_with_supervised_end_of_turn(seq):
+                    findings.append(Finding("error", row.where, f"the {side} reply's end-of-turn token carries no "
+                                            "log-prob (truncated at data.max_length?): the pair compares cut replies"))
+    if too_long:
+        findings.append(Finding("warning", "data", f"{too_long} of {total} pairs are longer than data.max_length="
+                                f"{config.data.max_length} (prompt + the longer reply) and will be dropped; raise "
+                                "data.max_length"))
     return findings
 
 

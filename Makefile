@@ -6,9 +6,15 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tunesmith-installed
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup browser demo test test-fast clean
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# Debian's chromium renders report.html in one test (tests/test_report.py); installed as root when missing,
+# skipped quietly where apt cannot (then only that test is skipped).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && { apt-get install -y chromium >/dev/null 2>&1 || \
+		{ apt-get update >/dev/null 2>&1 && apt-get install -y chromium >/dev/null 2>&1; }; }; } || true
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

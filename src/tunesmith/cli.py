@@ -793,6 +793,46 @@ def datagen_run(
     _run(lambda: _datagen_report(run_spec(spec, set_ or []), as_json))
 
 
+# ---- report and doctor ------------------------------------------------------------------------
+@app.command()
+def report(
+    run: str = typer.Argument(..., help="A run folder (the output_dir of `tunesmith train`)."),
+    open_: bool = typer.Option(False, "--open", help="Open the report in the default web browser."),
+):
+    """Write RUN/report.html: curves, data, before/after answers, forgetting, config and the doctor's findings."""
+    from .reporting import write_report
+    from .rundir import load_run_config
+
+    def go():
+        load_run_config(run)  # a clear error for a folder that is not a run
+        return write_report(run)
+
+    path = _run(go)
+    out.print(f"wrote {path}")
+    if open_:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+
+
+@app.command()
+def doctor(
+    run: str = typer.Argument(..., help="A finished or crashed run folder."),
+    as_json: bool = JsonOption,
+):
+    """Every finding of the training doctor for a run: NaN or diverging loss, flat loss, exploding gradients,
+    overfitting, answers that never stop; each with its likely cause and the remedy."""
+    from .doctor.run import diagnose
+
+    findings = _run(lambda: diagnose(run))
+    if as_json:
+        return _print_json([f.as_dict() for f in findings])
+    if not findings:
+        out.print(f"{run}: no findings")
+    for f in findings:
+        out.print(f.text(), highlight=False, markup=False)
+
+
 def main():
     app()
 

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from .methods.registry import DEFAULT_METHOD, METHODS, methods_accepting, methods_with
+from .objectives.registry import DEFAULT_OBJECTIVE, OBJECTIVES, objectives_accepting
 from .yamlfile import Number, YamlSchema, load_validated
 
 
@@ -194,6 +195,21 @@ class TrainConfig(_Section):
     logging_steps: int = Field(5, ge=1, description="Optimizer steps between log lines in metrics.jsonl.")
     save_steps: int = Field(100, ge=1, description="Optimizer steps between checkpoints (for --resume).")
     eval_each_epoch: bool = Field(True, description="Compute eval loss at the end of every epoch.")
+    eval_steps: Optional[int] = Field(
+        None, ge=1, description="Also compute eval loss every N optimizer steps (instead of once per epoch)."
+    )
+    keep_best: Optional[Literal["eval_loss", "score"]] = Field(
+        None, description="Keep the checkpoint with the lowest eval loss (or highest task score, by greedy generation "
+        "at each evaluation) as the run's adapter; the last weights go to last/. A checkpoint is saved at each evaluation."
+    )
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept in the run folder (the best one is always kept).")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Also log metrics to these trackers (TensorBoard writes to RUN/tensorboard/)."
+    )
+    doctor: bool = Field(
+        True, description="Watch training for the guide's failure modes (NaN loss, flat loss, exploding gradients, "
+        "overfitting); stops on NaN/Inf at the last good checkpoint. Findings go to doctor.json."
+    )
     selective_loss: bool = Field(
         True, description="Compute logits only where a label is supervised, in chunks (same loss, less time and memory)."
     )
@@ -215,6 +231,10 @@ class TrainConfig(_Section):
     neftune_alpha: Optional[Number] = Field(
         None, gt=0, description="NEFTune: uniform noise on input embeddings scaled alpha/sqrt(L*d), training only (5 is typical)."
     )
+    objective: Literal[tuple(OBJECTIVES)] = Field(
+        DEFAULT_OBJECTIVE, description="sft: learn the answers; dpo, orpo, simpo: learn which of two answers to prefer "
+        "from prompt/chosen/rejected rows (options in the `preference:` section)."
+    )
 
     @field_validator("warmup")
     @classmethod
@@ -222,6 +242,13 @@ class TrainConfig(_Section):
         if v >= 1 and v != int(v):
             raise ValueError("a warmup >= 1 is a number of steps and must be whole (or use a share < 1)")
         return v
+
+    @model_validator(mode="after")
+    def _best_needs_evaluation(self) -> "TrainConfig":
+        if self.keep_best and not (self.eval_steps or self.eval_each_epoch):
+            raise ValueError(f"train.keep_best={self.keep_best} compares evaluations, but train.eval_steps is unset and "
+                             "train.eval_each_epoch is false; set train.eval_steps (e.g. 50) or eval_each_epoch: true")
+        return self
 
 
 class EvalConfig(_Section):
@@ -282,6 +309,22 @@ class EWCConfig(_Section):
         return {("lambda" if k == "lambda_" else k): v for k, v in out.items()} if isinstance(out, dict) else out
 
 
+class PreferenceConfig(_Section):
+    """Options of the preference objectives (train.objective dpo, orpo, simpo); each entry says which it takes."""
+
+    beta: Optional[Number] = Field(
+        None, gt=0, description="dpo: how far from the reference (smaller drifts further; default 0.1); orpo: weight "
+        "lambda of the odds-ratio term (default 0.1); simpo: reward scale (default 2.0)."
+    )
+    label_smoothing: Number = Field(
+        0.0, ge=0.0, lt=0.5, description="dpo: share of preference labels assumed flipped (conservative DPO; 0.1 is typical)."
+    )
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="dpo: sigmoid (the DPO paper) or ipo (squared loss on length-normalised log-ratios)."
+    )
+    gamma: Number = Field(0.5, ge=0.0, description="simpo: target reward margin between chosen and rejected.")
+
+
 class RegularizeConfig(_Section):
     replay: Optional[ReplayConfig] = Field(None, description="Mix general (or other) data into training: `replay: {ratio: 0.05}`.")
     distill: Optional[DistillConfig] = Field(None, description="Distil from the frozen base: `distill: {alpha: 0.5, temperature: 2}`.")
@@ -337,12 +380,48 @@ class RunConfig(_Section):
     regularize: RegularizeConfig = Field(default_factory=RegularizeConfig)
     continual: ContinualConfig = Field(default_factory=ContinualConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     output_dir: str = Field("runs/run", description="Where the adapter, checkpoints and reports are written.")
 
     @model_validator(mode="after")
     def _needs_train_data(self) -> "RunConfig":
         if not self.data.train:
             raise ValueError("data.train is required: a data file (.jsonl/.json/.csv/.parquet) or a hub dataset id")
+        return self
+
+    @model_validator(mode="after")
+    def _preference_options_fit(self) -> "RunConfig":
+        """preference.* options only with an objective that reads them; preference data with what it supports."""
+        objective = OBJECTIVES[self.train.objective]
+        p = self.preference
+        for option in sorted(p.model_fields_set):
+            if getattr(p, option) == type(p).model_fields[option].default:
+                continue  # a default written out (e.g. by `config show`) is not a choice
+            if not objective.preference or (option != "beta" and option not in objective.options):
+                takers = [n for n, e in OBJECTIVES.items() if e.preference] if option == "beta" else objectives_accepting(option)
+                raise ValueError(f"preference.{option} cannot be used with train.objective={self.train.objective}; it "
+                                 f"applies to {', '.join(takers)}: remove it or change train.objective")
+        if p.loss == "ipo" and p.label_smoothing:
+            raise ValueError("preference.label_smoothing applies to preference.loss: sigmoid (conservative DPO), not "
+                             "ipo; remove one of them")
+        if objective.preference:
+            unsupported = [key for key, used in (
+                ("data.weights", self.data.weights is not None),
+                ("data.task_prefix", bool(self.data.task_prefix)),
+                ("data.format", self.data.format != "auto"),  # preference rows are detected per row
+                ("regularize.replay", self.regularize.replay is not None),
+                ("regularize.distill", self.regularize.distill is not None),
+                ("regularize.ewc", self.regularize.ewc is not None),
+                ("continual.previous", bool(self.continual.previous)),
+                ("train.neftune_alpha", self.train.neftune_alpha is not None),
+            ) if used]
+            if unsupported:
+                raise ValueError(f"{', '.join(unsupported)}: not supported with train.objective={self.train.objective} "
+                                 "(preference pairs); remove it or train with objective sft")
+            if not METHODS[self.method.name].selective_loss:
+                raise ValueError(f"train.objective={self.train.objective} scores replies on the decoder body's output, "
+                                 f"which bypasses method.name={self.method.name}'s own forward (and what it adds to the "
+                                 f"loss); use another method, e.g. {DEFAULT_METHOD}")
         return self
 
     @model_validator(mode="after")

@@ -23,6 +23,8 @@ from ..errors import TunesmithError
 from ..inference import load_for_inference, resolve_target
 from ..methods import get_method
 from ..methods.adapter_stack import previous_chain
+from ..reporting.build import FORGETTING_FILE
+from ..reporting.results import record_results
 from ..routing import adapters_for_task
 from ..rundir import is_run_dir, load_run_config
 from .general_questions import QUESTIONS, answer_perplexity, answer_questions, base_answers, same_answer_share
@@ -176,6 +178,7 @@ def forgetting_report(
         del loaded
         report["sequence"] = accuracy_matrix(runs, limit, route=adapter == "auto", progress=False)
     report["seconds"] = round(time.perf_counter() - start, 1)
+    record_results(target, FORGETTING_FILE, report)
     return report
 
 

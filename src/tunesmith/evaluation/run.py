@@ -11,10 +11,27 @@ from ..data.assemble import eval_conversations
 from ..data.dataset import tokenize_all
 from ..data.templates import render
 from ..errors import TunesmithError
-from ..inference import generate_answers, load_for_inference
+from ..data.report import ends_with_supervised_end_of_turn
+from ..doctor.answers import end_of_turn_unsupervised, runaway_answers
+from ..inference import answer_tokens, generate_answers, load_for_inference, stop_token_ids
+from ..reporting.build import EVAL_BASE_FILE, EVAL_FILE
+from ..reporting.results import record_results
 from ..routing import NO_ROUTES, find_route, group_by_route, serving, task_routes
 from .perplexity import supervised_nll
 from .scorers import SCORERS, check_references
+
+
+DOCTOR_PROBES = 4  # answers generated again as tokens, to see whether each one met a stop token
+
+
+def probe_answers(loaded, convs, max_new_tokens: int, batch_size: int) -> list[dict]:
+    """The first DOCTOR_PROBES answers as the doctor needs them: text, and whether generation ended on a stop
+    token (the scored answers are text only, so whether they stopped or ran into max_new_tokens is lost)."""
+    tokenizer = loaded.tokenizer
+    prompts = [render(tokenizer, conv[:-1], add_generation_prompt=True, where=where) for conv, where in convs[:DOCTOR_PROBES]]
+    rows = answer_tokens(loaded.model, tokenizer, prompts, max_new_tokens, batch_size)
+    stops = set(stop_token_ids(tokenizer))
+    return [{"prediction": tokenizer.decode(r, skip_special_tokens=True), "stopped": bool(r) and r[-1] in stops} for r in rows]
 
 
 def score_generations(model, tokenizer, convs, scorer: str, max_new_tokens: int, batch_size: int, progress: bool = True):
@@ -42,7 +59,9 @@ def evaluate(target: str, base: bool = False, limit: int | None = None, progress
         raise TunesmithError(f"eval needs a run folder or a recipe (to know the eval data), got '{target}'")
     if adapter is not None:
         return evaluate_routed(loaded, config, adapter, limit, progress)
-    return evaluate_loaded(loaded, config, limit, progress)
+    result = evaluate_loaded(loaded, config, limit, progress)
+    record_results(target, EVAL_BASE_FILE if base else EVAL_FILE, result)
+    return result
 
 
 def evaluate_loaded(loaded, config: RunConfig, limit: int | None = None, progress: bool = True, convs=None) -> dict:
@@ -57,6 +76,10 @@ def evaluate_loaded(loaded, config: RunConfig, limit: int | None = None, progres
     score, samples = score_generations(
         loaded.model, loaded.tokenizer, convs, config.eval.scorer, config.eval.max_new_tokens, config.eval.batch_size, progress
     )
+    # The doctor's Q4 check: answers that never stop, traced to the data (the same template and masking as training).
+    answers = probe_answers(loaded, convs, config.eval.max_new_tokens, config.eval.batch_size)
+    runaway = runaway_answers(answers, config.eval.max_new_tokens,
+                              end_of_turn_unsupervised(examples, ends_with_supervised_end_of_turn))
     return {
         "model": loaded.label,
         "examples": len(convs),
@@ -67,6 +90,7 @@ def evaluate_loaded(loaded, config: RunConfig, limit: int | None = None, progres
         "eval_tokens": nll["eval_tokens"],
         "seconds": round(time.perf_counter() - start, 1),
         "samples": samples[:5],
+        "doctor": [runaway.as_dict()] if runaway else [],
     }
 
 

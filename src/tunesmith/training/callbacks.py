@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import resource
 import time
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
@@ -61,12 +63,21 @@ class MetricsFileCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
             return
-        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
         if "loss" in logs:
-            record["tokens_per_second"] = round(self.progress.tokens_per_second(state), 1)
-            record["tokens_seen"] = int(state.num_input_tokens_seen)
+            # Added to the logs themselves, so the trackers of train.report_to (called after us) record them too.
+            logs["tokens_per_second"] = round(self.progress.tokens_per_second(state), 1)
+            logs["tokens_seen"] = int(state.num_input_tokens_seen)
+            logs["peak_memory_mib"] = peak_memory_mib()
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), **logs}
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+def peak_memory_mib() -> float:
+    """The peak so far: GPU memory allocated by torch on CUDA, else this process's peak resident set size."""
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
 def drop_rows_after(path: Path, step: int) -> None:

@@ -21,6 +21,7 @@ from ..methods.adapter_stack import attach_previous, merge_previous_into_base, s
 from ..methods.fused_lora import use_fused_lora
 from ..modeling import supports_selective_loss
 from ..models import load_model, load_tokenizer
+from ..objectives import get_objective
 from ..regularize import build_loss_terms
 from ..outdir import check_target, in_place
 from ..rundir import (
@@ -28,11 +29,16 @@ from ..rundir import (
     resume_checkpoint, run_inputs, write_config, write_json,
 )
 from ..errors import TunesmithError
+from ..doctor.callback import DoctorCallback, DoctorStopped
+from ..doctor.detectors import RunFacts
+from ..reporting import write_report
 from .callbacks import MetricsFileCallback, ProgressCallback
+from .task_score import TaskScoreCallback
 from .interrupt import StopOnSignal, TrainingInterrupted
 from . import distributed
 from .attention import restore_attention, use_packed_attention
 from .neftune import NEFTune
+from .preference import build_preference_trainer
 from .trainer import MethodTrainer
 
 
@@ -87,6 +93,7 @@ def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, extr
 
     t = config.train
     warmup = int(t.warmup) if t.warmup >= 1 else t.warmup
+    evaluation = evaluation_arguments(config, has_eval)
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=t.batch_size,
@@ -104,10 +111,9 @@ def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, extr
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         logging_steps=min(t.logging_steps, t.max_steps) if t.max_steps > 0 else t.logging_steps,
         logging_first_step=True,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=2,
-        eval_strategy="epoch" if (has_eval and t.eval_each_epoch) else "no",
+        save_total_limit=t.save_total_limit,
+        logging_nan_inf_filter=False,  # a NaN loss must reach metrics.jsonl and the doctor, not be averaged away
+        **evaluation,
         seed=t.seed,
         data_seed=t.seed,
         train_sampling_strategy=t.order,
@@ -120,6 +126,48 @@ def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, extr
         use_cpu=not torch.cuda.is_available(),
         **(extra or {}),
     )
+
+
+def evaluation_arguments(config: RunConfig, has_eval: bool) -> dict:
+    """When to evaluate and save. With keep_best a checkpoint is saved at every evaluation, so the best one
+    exists to be kept; the Trainer tracks it (metric_for_best_model) and checkpoint rotation spares it."""
+    t = config.train
+    strategy = "no" if not has_eval else "steps" if t.eval_steps else "epoch" if t.eval_each_epoch else "no"
+    out = {"eval_strategy": strategy, "save_strategy": "steps", "save_steps": t.save_steps}
+    if strategy == "steps":
+        out["eval_steps"] = t.eval_steps
+    if t.keep_best and strategy != "no":
+        out.update(save_strategy=strategy, metric_for_best_model=BEST_METRICS[t.keep_best],
+                   greater_is_better=t.keep_best == "score")
+        if strategy == "steps":
+            out["save_steps"] = t.eval_steps
+    return out
+
+
+BEST_METRICS = {"eval_loss": "eval_loss", "score": "eval_score"}
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+TENSORBOARD_DIR = "tensorboard"
+
+
+def check_trackers(config: RunConfig) -> None:
+    """Every tracker in train.report_to is installed (checked before the run folder is touched)."""
+    import importlib.util
+
+    for name in config.train.report_to:
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise TunesmithError(f"train.report_to: {name} needs the {TRACKER_PACKAGES[name]} package, which is not "
+                                 f"installed; run `pip install {TRACKER_PACKAGES[name]}` or remove {name} from train.report_to")
+
+
+def tracker_callbacks(config: RunConfig, out: Path) -> list:
+    """transformers' own integrations for train.report_to; TensorBoard writes to RUN/tensorboard/."""
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    callbacks = [cls() for cls in get_reporting_integration_callbacks(list(config.train.report_to))]
+    for cb in callbacks:
+        if hasattr(cb, "tb_writer") and cb.logging_dir is None:
+            cb.logging_dir = str(out / TENSORBOARD_DIR)
+    return callbacks
 
 
 def build_trainer(config: RunConfig, prepared, output_dir: Path, train_examples: list, *,
@@ -138,6 +186,9 @@ def build_trainer(config: RunConfig, prepared, output_dir: Path, train_examples:
     args = training_arguments(config, output_dir, bool(eval_examples), extra)
     if ordered:
         args.train_sampling_strategy = "sequential"  # mixed data is already in its exact, evenly spread order
+    if get_objective(config.train.objective).preference:
+        return build_preference_trainer(config, prepared, args, train_examples, eval_examples=eval_examples,
+                                        tokenizer=tokenizer, callbacks=callbacks)
     if config.train.padding_free:
         collator = PaddingFreeCollator()
     else:
@@ -190,6 +241,7 @@ def train(
         raise TunesmithError("--force applies only with --resume (it continues a run whose config changed)")
     if resume and not force:
         _refuse_changed_config(out, config)
+    check_trackers(config)
     if distributed.is_main_process() and not distributed.output_checked():
         check_output(config, recipe, overwrite=overwrite, resume=resume)
     set_seed(config.train.seed)
@@ -197,6 +249,12 @@ def train(
         torch.set_num_threads(config.train.num_threads)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     data = data or prepare_data(config, tokenizer)
+    if config.train.keep_best and distributed.world_size() > 1:
+        raise TunesmithError(f"train.keep_best={config.train.keep_best} runs in one process only for now; remove it for "
+                             "--nproc > 1 (checkpoints and train.eval_steps still work)")
+    if config.train.keep_best and not data.eval:
+        raise TunesmithError(f"train.keep_best={config.train.keep_best} needs eval data to compare checkpoints; set "
+                             "data.eval or data.eval_split > 0, or remove train.keep_best")
     if checkpoint is not None or not distributed.is_main_process():
         # other ranks write only their share of each checkpoint, into the folder rank 0 holds
         return _fit(config, out, tokenizer, data, checkpoint, progress)
@@ -246,23 +304,44 @@ def _fit(config: RunConfig, out: Path, tokenizer, data: PreparedData, checkpoint
     progress_cb = ProgressCallback(enabled=progress and main)
     stop = StopOnSignal()
     callbacks = [progress_cb, MetricsFileCallback(out / METRICS_FILE, progress_cb)] if main else [progress_cb]
+    doctor = None
+    if main and config.train.doctor:
+        # The divergence bound 2 ln V holds for a plain cross-entropy, not with regularisers or a preference loss.
+        cross_entropy_only = not loss_terms and not get_objective(config.train.objective).preference
+        facts = RunFacts(lr=config.train.lr, adapter=prepared.is_adapter, max_grad_norm=config.train.max_grad_norm,
+                         vocab_size=getattr(model.config, "vocab_size", None) if cross_entropy_only else None)
+        doctor = DoctorCallback(out, facts, data.train, echo=progress)
+        callbacks.append(doctor)
+    scorer = TaskScoreCallback(config, tokenizer) if config.train.keep_best == "score" else None
+    if scorer is not None:
+        callbacks.insert(0, scorer)  # before metrics.jsonl and the trackers, which log its score
+    if main:
+        callbacks.extend(tracker_callbacks(config, out))  # after ours: they log tokens/s and memory too
     callbacks.append(stop)
     trainer = build_trainer(config, prepared, out, data.train, eval_examples=data.eval, ordered=data.ordered,
                             tokenizer=tokenizer, loss_terms=loss_terms, callbacks=callbacks)
+    if scorer is not None:
+        scorer.trainer = trainer
     start = time.perf_counter()
     with stop:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     elapsed = time.perf_counter() - start
     if stop.received is not None and trainer.state.global_step < trainer.state.max_steps:
         raise TrainingInterrupted(stop.received, trainer.state.global_step, last_checkpoint(out))
+    if doctor is not None and doctor.fatal is not None:
+        f = doctor.fatal
+        raise DoctorStopped(f"the doctor stopped training: {f.message}; cause: {f.cause}; examples in those steps: "
+                            f"{', '.join(f.example_ids) or 'unknown'}; remedy: {f.remedy} (all findings: tunesmith doctor {out})")
 
     if neftune is not None:
         neftune.remove()
     undo_fast_path()
-    if distributed.shards_weights(config):
-        trainer.save_model(str(out))  # every rank: the Trainer gathers the shards, rank 0 writes
-    elif main:
-        prepared.save(out)
+    best = best_checkpoint(trainer, config)
+    if best is not None and best["step"] != trainer.state.global_step:
+        _save_weights(trainer, prepared, config, out / LAST_DIR, main)  # the last weights, before the best are loaded
+        trainer._load_best_model()  # transformers' own loader (the one load_best_model_at_end uses)
+        best["last"] = LAST_DIR
+    _save_weights(trainer, prepared, config, out, main)
     if main:
         tokenizer.save_pretrained(out)
     if main and config.continual.previous:
@@ -286,9 +365,42 @@ def _fit(config: RunConfig, out: Path, tokenizer, data: PreparedData, checkpoint
     }
     if regularize_info:
         summary["regularize"] = regularize_info
+    if get_objective(config.train.objective).preference:
+        summary["objective"] = config.train.objective
     if data.eval:
         final = [h for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == trainer.state.global_step]
         summary["eval_loss"] = round(final[-1]["eval_loss"] if final else trainer.evaluate()["eval_loss"], 6)
+    if best is not None:
+        summary["best"] = best
     if main:
         write_json(out / SUMMARY_FILE, summary)
+        write_report(out, tokenizer=tokenizer, data=data)
     return TrainResult(out, summary)
+
+
+LAST_DIR = "last"
+
+
+def _save_weights(trainer, prepared, config: RunConfig, dest: Path, main: bool) -> None:
+    if distributed.shards_weights(config):
+        trainer.save_model(str(dest))  # every rank: the Trainer gathers the shards, rank 0 writes
+    elif main:
+        dest.mkdir(exist_ok=True)
+        prepared.save(dest)
+
+
+def best_checkpoint(trainer, config: RunConfig) -> dict | None:
+    """Which evaluated step won under train.keep_best, by how much, and the checkpoint that holds it."""
+    state = trainer.state
+    if not config.train.keep_best or not state.best_global_step:
+        return None
+    metric = BEST_METRICS[config.train.keep_best]
+    evaluated = [h[metric] for h in state.log_history if metric in h]
+    lowest = config.train.keep_best == "eval_loss"
+    return {
+        "step": state.best_global_step,
+        "metric": metric,
+        "value": round(state.best_metric, 6),
+        "why": f"{'lowest' if lowest else 'highest'} {metric} of {len(evaluated)} evaluations",
+        "checkpoint": Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
+    }

@@ -67,6 +67,9 @@ class AtomicCheckpoints:
                 shutil.rmtree(final)
             os.replace(staging / name, final)
             staging.rmdir()
+            # The Trainer looked for the best checkpoint in the staging folder; it lives in the run folder.
+            best = run / f"checkpoint-{self.state.best_global_step}" if self.state.best_global_step else None
+            self.state.best_model_checkpoint = str(best) if best is not None and best.is_dir() else None
             rotate_checkpoints(str(run), self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 

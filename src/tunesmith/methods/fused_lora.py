@@ -55,47 +55,50 @@ def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
 
 
 class LoraBranch(torch.autograd.Function):
-    """delta = s * dropout(x) @ A^T @ B^T, with dropout(x) = x * mask / keep.
+    """base + s * dropout(x) @ A^T @ B^T, with dropout(x) = x * mask / keep.
 
-    Backward runs in the dtype forward's matmuls ran in (bf16 under autocast, as autograd does for PEFT's
-    layers), so it copies neither x nor the incoming gradient to fp32; the weight gradients are returned in
-    the parameters' dtype."""
+    The factor s / keep multiplies the rank-r activation, never a full-width tensor, and the sum with the base
+    layer's output is the epilogue of one addmm. Backward runs in the dtype forward's matmuls ran in (bf16 under
+    autocast, as autograd does for PEFT's layers), so it copies neither x nor the incoming gradient to fp32;
+    the weight gradients are returned in the parameters' dtype.
+    """
 
     @staticmethod
-    def forward(ctx, x, a, b, scale: float, p: float):
-        # 1/keep is applied to the rank-r side, never to a full-width tensor: (x * m / k) A^T = ((x * m) A^T) / k
+    def forward(ctx, x, base, a, b, scale: float, p: float):
         bits, keep = keep_bits(x, p) if p > 0 else (None, 1.0)
         xa = _as(x, a)
-        h = (apply_keep_bits(xa, bits) if bits is not None else xa) @ a.t()
-        if bits is not None:
-            h = h * (1.0 / keep)
-            bits = bits.to(torch.int8)  # kept for backward at one byte per entry
-        ctx.save_for_backward(x, bits, h, a, b)
-        ctx.scale, ctx.keep = scale, keep
-        return (h @ b.t()) * scale
+        xm = apply_keep_bits(xa, bits) if bits is not None else xa
+        factor = scale / keep
+        hs = (xm.reshape(-1, x.shape[-1]) @ a.t()) * factor  # (tokens x r)
+        w = b.t()
+        if not torch.is_autocast_enabled(x.device.type) and base.dtype != hs.dtype:
+            hs, w = hs.to(base.dtype), w.to(base.dtype)
+        out = torch.addmm(base.reshape(-1, base.shape[-1]) if base.dim() else base, hs, w)
+        ctx.save_for_backward(x, bits.to(torch.int8) if bits is not None else None, hs, a, b)  # 1 byte per entry
+        ctx.factor = factor
+        return out.view(*x.shape[:-1], b.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
-        x, bits, h, a, b = ctx.saved_tensors
-        dtype = h.dtype
+        x, bits, hs, a, b = ctx.saved_tensors
+        dtype = hs.dtype
         if bits is not None:
             bits = bits.to(_INT_OF_SIZE[dtype.itemsize])  # widened once, used twice
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
-        gh = (g @ b.to(dtype)) * ctx.scale  # gradient at h, (tokens x r)
+        gu = (g @ b.to(dtype)) * ctx.factor  # gradient at (x * m) A^T, (tokens x r)
         grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[3]:
+            grad_b = (g.t() @ hs).to(b.dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = ((g.t() @ h.reshape(-1, h.shape[-1])) * ctx.scale).to(b.dtype)
-        gk = gh * (1.0 / ctx.keep) if bits is not None else gh  # gradient at (x * m) A^T
-        if ctx.needs_input_grad[1]:
             xm = x.to(dtype)
             xm = apply_keep_bits(xm, bits) if bits is not None else xm
-            grad_a = (gk.t() @ xm.reshape(-1, x.shape[-1])).to(a.dtype)
+            grad_a = (gu.t() @ xm.reshape(-1, x.shape[-1])).to(a.dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = (gk @ a.to(dtype)).reshape(x.shape)
+            grad_x = (gu @ a.to(dtype)).reshape(x.shape)
             if bits is not None:
                 grad_x = apply_keep_bits(grad_x, bits)
             grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_a, grad_b, None, None
+        return grad_x, grad if ctx.needs_input_grad[1] else None, grad_a, grad_b, None, None
 
 
 def _as(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -106,8 +109,11 @@ def _as(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return x.to(a.dtype)
 
 
-def lora_branch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, p: float = 0.0) -> torch.Tensor:
-    return LoraBranch.apply(x, a, b, scale, p)
+def lora_branch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, p: float = 0.0,
+                base: torch.Tensor | None = None) -> torch.Tensor:
+    """`base` plus the branch's output (the branch alone when base is None)."""
+    zero = torch.zeros((), dtype=a.dtype, device=x.device)
+    return LoraBranch.apply(x, zero if base is None else base, a, b, scale, p)
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -127,7 +133,7 @@ def _fused_forward(self, x, *args, **kwargs):
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
-        result = result + lora_branch(x, a, b, self.scaling[name], p).to(result.dtype)
+        result = lora_branch(x, a, b, self.scaling[name], p, base=result)
     return result
 
 

@@ -58,10 +58,10 @@ class ShortCausalAttention(torch.autograd.Function):
         group = q.shape[1] // kv_heads
         probs, lse = _probabilities(q.reshape(kv_heads, group * n, d).float(), k[0].float(),
                                     _causal_bias(n, group, q.device), scale)
-        out = torch.bmm(probs, v[0].float()).to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out = torch.bmm(probs, v[0].float()).view(q.shape).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)  # saves the output itself, so torch.compile can trace this
         ctx.scale = scale
-        return out.view(q.shape)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
@@ -72,7 +72,7 @@ class ShortCausalAttention(torch.autograd.Function):
         g = grad.reshape(kv_heads, group * n, d).float()
         probs, _ = _probabilities(qg, kf, _causal_bias(n, group, q.device), ctx.scale, lse)
         grad_v = torch.bmm(probs.transpose(1, 2), g)
-        delta = (g * out.float()).sum(-1, keepdim=True)  # rowsum(dO * O) = rowsum(P * dP)
+        delta = (g * out.reshape(g.shape).float()).sum(-1, keepdim=True)  # rowsum(dO * O) = rowsum(P * dP)
         ds = torch.bmm(g, vf.transpose(1, 2)).sub_(delta).mul_(probs)
         grad_q = torch.bmm(ds, kf * ctx.scale)
         grad_k = torch.bmm(ds.transpose(1, 2), qg * ctx.scale)

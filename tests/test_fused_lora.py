@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from tunesmith.methods.fused_lora import keep_mask, lora_branch, use_fused_lora
+from tunesmith.methods.fused_lora import apply_keep_bits, keep_bits, keep_mask, lora_branch, use_fused_lora
 
 
 def _tensors(seed: int = 0):
@@ -40,12 +41,69 @@ def test_keep_mask_is_an_unbiased_bernoulli_mask():
     x = torch.empty(1000, 1000)
     mask, keep = keep_mask(x, 0.05)
     assert mask.dtype == torch.bool and mask.shape == x.shape
-    assert keep == 1 - 3277 / 65536  # p rounded to a multiple of 1/65536
+    assert keep == 1 - 1638 / 32768  # p rounded to a multiple of 1/32768
     share = mask.float().mean().item()
     assert abs(share - keep) < 5 * (keep * (1 - keep) / x.numel()) ** 0.5  # within 5 standard errors
     rows = mask.float().mean(dim=1)  # no position is favoured: every row keeps about the same share
     assert rows.std().item() < 2 * (keep * (1 - keep) / 1000) ** 0.5
     assert not torch.equal(mask, keep_mask(x, 0.05)[0])  # fresh draws each call
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_keep_bits_zero_exactly_the_dropped_entries(dtype):
+    torch.manual_seed(0)
+    x = torch.randn(64, 48).to(dtype)
+    x[0, :4] = torch.tensor([float("nan"), float("inf"), -0.0, -1e-30]).to(dtype)
+    bits, _ = keep_bits(x, 0.3)
+    assert bits.dtype == torch.int16 and set(bits.unique().tolist()) == {-1, 0}
+    expected = torch.where(bits != 0, x, torch.zeros((), dtype=dtype))
+    assert torch.equal(apply_keep_bits(x, bits).view(torch.uint8), expected.view(torch.uint8))  # bit for bit
+
+
+def test_branch_keeps_the_dropout_mask_at_one_byte_per_entry():
+    x, a, b = _tensors()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        lora_branch(x, a, b, 2.0, 0.25)
+    masks = [t for t in saved if t.shape == x.shape and not t.is_floating_point()]
+    assert [m.dtype for m in masks] == [torch.int8]
+
+
+class _MatmulDtypes(TorchDispatchMode):
+    """Records the dtypes the matrix multiplications inside the block run in."""
+
+    def __enter__(self):
+        self.dtypes = set()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default):
+            self.dtypes.add(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_branch_under_bf16_autocast_equals_autocast_autograd():
+    """Under autocast the branch's backward runs in bf16, as autograd runs PEFT's layers: the gradients equal
+    plain autograd of the same expression under autocast (bf16 rounding is the only tolerance)."""
+    x, a, b = _tensors(3)
+    x = x.detach().to(torch.bfloat16).requires_grad_()
+    grad_out = torch.randn(2, 5, 7).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(4)
+        out = lora_branch(x, a, b, 2.0, 0.25)
+    with _MatmulDtypes() as seen:
+        ours = torch.autograd.grad(out, (x, a, b), grad_out)
+    assert seen.dtypes == {torch.bfloat16}  # no fp32 copies of x or of the gradient in backward
+    torch.manual_seed(4)
+    mask, keep = keep_mask(x, 0.25)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = (((x * mask) @ a.t()) * (1.0 / keep) @ b.t()) * 2.0
+    reference = torch.autograd.grad(ref, (x, a, b), grad_out)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    for mine, theirs in zip(ours, reference):
+        assert mine.dtype == theirs.dtype
+        torch.testing.assert_close(mine, theirs, rtol=2e-2, atol=2e-2)
 
 
 def _peft_model(tiny_model_dir, dropout: float, dora: bool = False):

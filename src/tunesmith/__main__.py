@@ -1,4 +1,4 @@
 """`python -m tunesmith`: the command line, for where the `tunesmith` script is not on PATH (torchrun's workers)."""
-from tunesmith.cli import app
+from tunesmith.cli import main
 
-app(prog_name="tunesmith")
+main()

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .allocator import restart_with_allocator
 from .errors import TunesmithError
 from .methods import registry
 
@@ -834,7 +835,9 @@ def doctor(
 
 
 def main():
-    app()
+    """The `tunesmith` script: restarted once with jemalloc preloaded where the system has it (allocator.py)."""
+    restart_with_allocator("tunesmith")
+    app(prog_name="tunesmith")
 
 
 if __name__ == "__main__":

@@ -228,6 +228,10 @@ class TrainConfig(_Section):
         0, ge=0, description="CPU threads for torch's math; 0 keeps torch's default of one per core. On a shared "
         "CPU, cores divided by the number of training processes keeps them from slowing each other (bench/cpu_sharing.py)."
     )
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (guide §8.3.3). Off by default: on the CPU quickstart "
+        "run it did not pay back its compile time (README, bench/compile.py); try it on a GPU and long runs."
+    )
     neftune_alpha: Optional[Number] = Field(
         None, gt=0, description="NEFTune: uniform noise on input embeddings scaled alpha/sqrt(L*d), training only (5 is typical)."
     )

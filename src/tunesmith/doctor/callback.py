@@ -79,8 +79,9 @@ def _split_examples(ids, position_ids, attention_mask) -> list[list[int]]:
 
 
 class DoctorCallback(TrainerCallback):
-    def __init__(self, out: Path, facts: RunFacts, examples, echo: bool = True):
+    def __init__(self, out: Path, facts: RunFacts, examples, echo: bool = True, preflight: list[Finding] | None = None):
         self.out = Path(out)
+        self.preflight = preflight or []  # findings made before the model loaded (memory), reported at step 0
         self.facts = facts
         self.examples = examples
         self.echo = echo
@@ -93,7 +94,7 @@ class DoctorCallback(TrainerCallback):
         if model is not None:
             self.recorder.attach(model)
         sft = [ex for ex in self.examples if isinstance(ex, TokenizedExample)]
-        self._report([end_of_turn_unsupervised(sft, ends_with_supervised_end_of_turn)])
+        self._report([*self.preflight, end_of_turn_unsupervised(sft, ends_with_supervised_end_of_turn)])
 
     def on_step_end(self, args, state, control, **kwargs):
         self.recorder.steps += 1

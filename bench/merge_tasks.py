@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from tunesmith.merging.run import merge
     from tunesmith.merging.spec import load_merge_spec
     from tunesmith.quiet import quiet_libraries
+    from tunesmith.reporting.build import TASK_SCORES_FILE
     from tunesmith.training.run import train as run_train
 
     quiet_libraries()
@@ -115,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
             results[label][task] = report["score"]
             results[label][f"{task}_examples"] = report["examples"]
             print(f"  {label:32s} {task:9s} {report['score']:.0%}", flush=True)
+
+    for method in args.methods:  # each merged folder keeps its own scores: `tunesmith report` shows them
+        label = f"merge: {method}"
+        scores = {task: {"scorer": tasks[task][2], "score": results[label][task],
+                         "examples": results[label][f"{task}_examples"],
+                         "alone": results[f"{task} adapter alone"][task]} for task in tasks}
+        (out / "merged" / method / TASK_SCORES_FILE).write_text(json.dumps(scores, indent=2) + "\n")
 
     n = next(iter(results.values()))["booking_examples"]
     print(f"\n{args.steps} LoRA steps per task, {n} held-out examples per task "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import re
 import shutil
 import struct
@@ -144,3 +145,24 @@ def test_the_report_renders_in_chromium_with_every_plot_drawn(trained, tmp_path)
     pixels = _png_pixels(shot)
     blue = sum(1 for row in pixels for px in row if px == (37, 99, 235))  # the first series' colour, #2563eb
     assert blue > 500, f"only {blue} pixels of the plotted lines were drawn"
+
+
+def test_a_merge_folder_reports_its_spec_and_task_scores(tiny_model_dir, tmp_path):
+    """`tunesmith report` on a real `tunesmith merge` output: the spec, then the per-task scores once a bench
+    wrote them; only report.html is written."""
+    from tunesmith.merging.run import merge
+
+    folder = merge({"method": "linear", "models": [{"model": str(tiny_model_dir), "weight": 0.5},
+                                                   {"model": str(tiny_model_dir), "weight": 0.5}]},
+                   tmp_path / "merged", progress=False)
+    before = _hashes(folder)
+    ok(invoke("report", folder))
+    html = (folder / "report.html").read_text()
+    assert "<h1>tunesmith merge: merged</h1>" in html and "method: linear" in html
+    assert "No task_scores.json" in html
+    assert _hashes(folder) == before
+    (folder / "task_scores.json").write_text(json.dumps(
+        {"booking": {"scorer": "json_match", "score": 0.5, "examples": 8, "alone": 0.875}}))
+    ok(invoke("report", folder))
+    html = (folder / "report.html").read_text()
+    assert "<td>booking</td><td>json_match</td><td>50.0%</td><td>87.5%</td><td>8</td>" in html

@@ -797,15 +797,18 @@ def datagen_run(
 # ---- report and doctor ------------------------------------------------------------------------
 @app.command()
 def report(
-    run: str = typer.Argument(..., help="A run folder (the output_dir of `tunesmith train`)."),
+    run: str = typer.Argument(..., help="A run folder (the output_dir of `tunesmith train`) or a `tunesmith merge` folder."),
     open_: bool = typer.Option(False, "--open", help="Open the report in the default web browser."),
 ):
-    """Write RUN/report.html: curves, data, before/after answers, forgetting, config and the doctor's findings."""
+    """Write RUN/report.html: curves, data, before/after answers, forgetting, config and the doctor's findings
+    (for a merge folder: its spec and per-task scores)."""
     from .reporting import write_report
+    from .reporting.build import is_merge_folder
     from .rundir import load_run_config
 
     def go():
-        load_run_config(run)  # a clear error for a folder that is not a run
+        if not is_merge_folder(Path(run)):
+            load_run_config(run)  # a clear error for a folder that is neither a run nor a merge
         return write_report(run)
 
     path = _run(go)

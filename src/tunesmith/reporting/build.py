@@ -15,6 +15,7 @@ from ..data.masking import IGNORE_INDEX, TokenizedExample
 from ..data.report import token_texts
 from ..doctor.run import diagnose, read_metrics
 from ..errors import TunesmithError
+from ..merging.run import SPEC_FILE as MERGE_SPEC_FILE
 from ..models import load_tokenizer
 from ..rundir import CONFIG_FILE, DATA_STATS_FILE, SUMMARY_FILE, load_run_config
 from .svg import histogram, line_chart
@@ -23,6 +24,7 @@ REPORT_FILE = "report.html"
 EVAL_FILE = "eval.json"
 EVAL_BASE_FILE = "eval_base.json"
 FORGETTING_FILE = "forgetting.json"
+TASK_SCORES_FILE = "task_scores.json"
 TOKEN_VIEWS = 2
 
 # (chart title, metrics.jsonl keys plotted in it)
@@ -190,9 +192,46 @@ def _load_data(run: Path, config, tokenizer, data):
         return tokenizer, None, str(exc)
 
 
+def is_merge_folder(path: Path) -> bool:
+    """A `tunesmith merge` output: the merged model with its spec, and no run config."""
+    return (path / MERGE_SPEC_FILE).is_file() and not (path / CONFIG_FILE).is_file()
+
+
+def task_scores_section(scores: dict | None) -> str:
+    """Per-task scores of a merged model (TASK_SCORES_FILE: task -> {scorer, score, examples[, alone]})."""
+    if not scores:
+        return (f"<h2>Task scores</h2><p class='muted'>No {TASK_SCORES_FILE}: score the merged model on each task "
+                "(bench/merge_tasks.py writes it) to see them here.</p>")
+    heads = "<tr><th>task</th><th>scorer</th><th>merged</th><th>its adapter alone</th><th>examples</th></tr>"
+    body = "".join(
+        f"<tr><td>{escape(task)}</td><td>{escape(str(r.get('scorer', '')))}</td><td>{r['score']:.1%}</td>"
+        f"<td>{'' if r.get('alone') is None else format(r['alone'], '.1%')}</td><td>{r.get('examples', '')}</td></tr>"
+        for task, r in scores.items()
+    )
+    return f"<h2>Task scores</h2><table>{heads}{body}</table>"
+
+
+def build_merge_report(path: Path) -> str:
+    """A merge folder's page: the spec it was merged with and its per-task scores when they were written."""
+    sections = [
+        f"<h1>tunesmith merge: {escape(path.resolve().name)}</h1>",
+        task_scores_section(_read_json(path / TASK_SCORES_FILE)),
+        "<h2>Merge spec</h2><pre>" + escape((path / MERGE_SPEC_FILE).read_text(encoding="utf-8")) + "</pre>",
+    ]
+    return _page(f"merge: {path.resolve().name}", sections)
+
+
+def _page(title: str, sections: list[str]) -> str:
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tunesmith report: {escape(title)}"
+            f"</title><style>{STYLE}</style></head><body>{''.join(sections)}</body></html>\n")
+
+
 def build_report(run: str | Path, *, tokenizer=None, data: PreparedData | None = None) -> str:
-    """The HTML of `run`'s report. `tokenizer` and `data` skip loading them again (train passes its own)."""
+    """The HTML of `run`'s report (a run folder or a merge folder). `tokenizer` and `data` skip loading them
+    again (train passes its own)."""
     path = Path(run)
+    if is_merge_folder(path):
+        return build_merge_report(path)
     config = load_run_config(path)
     tokenizer, data, why = _load_data(path, config, tokenizer, data)
     findings = diagnose(path)
@@ -206,8 +245,7 @@ def build_report(run: str | Path, *, tokenizer=None, data: PreparedData | None =
         forgetting_section(_read_json(path / FORGETTING_FILE)),
         "<h2>Config</h2><pre>" + escape((path / CONFIG_FILE).read_text(encoding="utf-8")) + "</pre>",
     ]
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>tunesmith report: "
-            f"{escape(path.resolve().name)}</title><style>{STYLE}</style></head><body>{''.join(sections)}</body></html>\n")
+    return _page(path.resolve().name, sections)
 
 
 def write_report(run: str | Path, *, tokenizer=None, data: PreparedData | None = None) -> Path:

@@ -19,6 +19,7 @@ from helpers import build_tiny_llama, write_jsonl
 import tunesmith
 from tunesmith.config import load_config
 from tunesmith.merging.spec import load_merge_spec
+from tunesmith.objectives import DEFAULT_OBJECTIVE, get_objective
 from tunesmith.training.run import train
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -34,8 +35,10 @@ def raw_recipe(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer) -> dict:
-    """A tiny model with the built-in tokenizer and 8 training rows of the booking task (no eval: the runs are
-    about the recipes, and the trainer's eval is the same for all of them)."""
+    """A tiny model with the built-in tokenizer and 8 training rows of the booking task, 8 preference pairs of the
+    concise task for preference recipes (no eval: the runs are about the recipes, and the trainer's eval is the
+    same for all of them)."""
+    from tunesmith.demo import concise
     from tunesmith.demo.booking import generate
 
     root = tmp_path_factory.mktemp("recipes")
@@ -44,12 +47,14 @@ def tiny(tmp_path_factory, tokenizer) -> dict:
         "root": root,
         "model": build_tiny_llama(root / "model", tokenizer, layers=TINY_LAYERS),
         "train": write_jsonl(root / "train.jsonl", rows),
+        "pairs": write_jsonl(root / "pairs.jsonl", concise.generate(n_train=8, n_eval=1, seed=1)[0]),
     }
 
 
 def tiny_overrides(raw: dict, tiny: dict, out: Path, previous: list[Path]) -> list[str]:
     """`--set` overrides that shrink a recipe's run to one step on the tiny model and data."""
-    sets = [f"model={tiny['model']}", f"data.train={tiny['train']}", "data.eval=null", "data.eval_split=0",
+    preference = get_objective((raw.get("train") or {}).get("objective", DEFAULT_OBJECTIVE)).preference
+    sets = [f"model={tiny['model']}", f"data.train={tiny['pairs' if preference else 'train']}", "data.eval=null", "data.eval_split=0",
             "data.max_length=128", f"output_dir={out}", "train.max_steps=1", "train.batch_size=2", "train.grad_accum=1"]
     if "ewc" in (raw.get("regularize") or {}):
         sets.append("regularize.ewc.samples=2")

@@ -1,0 +1,120 @@
+"""Does preference tuning teach what SFT on the preferred answers does? The concise-answer task on a real model.
+
+    python bench/preference_experiment.py                          # the README table (built-in SmolLM2-135M)
+    python bench/preference_experiment.py --steps 2 --limit 4      # a smoke run
+
+The task is tunesmith.demo.concise (recipes/data/concise-pref-*.jsonl): short questions whose chosen answer
+is a few words and whose rejected answer is the same answer in a chatty paragraph. From recipes/dpo.yaml (LoRA,
+same data, steps, batch and learning rate for every arm) it trains SFT on the chosen answers, DPO, ORPO and
+SimPO, then scores the base and each run on the held-out prompts with greedy generation: the concise rate
+(`concise.score`: at most MAX_WORDS words and containing the answer), the mean reply length in words, and
+general perplexity on the held-out general corpus (the `eval --forgetting` measure) with its change from the
+base. results.json in --out keeps every number and each arm's first replies.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ARMS = ["sft", "dpo", "orpo", "simpo"]
+# Each objective's own scale (config.PreferenceConfig's defaults): DPO and ORPO 0.1, SimPO 2.0 with margin 0.5.
+PREFERENCE_SETS = {"dpo": ["preference.beta=0.1"], "orpo": ["preference.beta=0.1"],
+                   "simpo": ["preference.beta=2.0", "preference.gamma=0.5"]}
+
+
+def sft_rows(pairs: list[dict]) -> list[dict]:
+    """SFT on the chosen answers: the same prompts, the preferred reply as the target."""
+    return [{"instruction": r["prompt"], "output": r["chosen"]} for r in pairs]
+
+
+def arm_overrides(arm: str, args, out: Path, sft_data: Path) -> list[str]:
+    sets = [f"model={args.model}", f"output_dir={out / arm}", f"train.max_steps={args.steps}",
+            f"train.batch_size={args.batch_size}", "data.eval=null", "data.eval_split=0"]
+    if args.lr is not None:
+        sets.append(f"train.lr={args.lr}")
+    if arm == "sft":
+        return sets + ["train.objective=sft", f"data.train={sft_data}", "preference.beta=null"]
+    return sets + [f"train.objective={arm}", *PREFERENCE_SETS[arm]]
+
+
+def score_model(model, tokenizer, held_out: list[dict], blocks, args) -> dict:
+    from tunesmith.data.templates import render
+    from tunesmith.demo import concise
+    from tunesmith.evaluation.forgetting import general_perplexity
+    from tunesmith.inference import generate_answers
+
+    prompts = [render(tokenizer, [{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
+               for r in held_out]
+    replies = generate_answers(model, tokenizer, prompts, args.max_new_tokens, batch_size=25)
+    rate = sum(concise.score(a, r["answer"]) for a, r in zip(replies, held_out)) / len(held_out)
+    words = sum(concise.word_count(a) for a in replies) / len(replies)
+    return {"concise_rate": rate, "mean_words": words, "perplexity": general_perplexity(model, blocks)["perplexity"],
+            "replies": [{"prompt": r["prompt"], "reply": a} for r, a in zip(held_out[:5], replies)]}
+
+
+def table(results: dict) -> str:
+    base_ppl = results["base"]["perplexity"]
+    lines = ["| model | concise & correct | mean words | general perplexity | change | train time |",
+             "|---|---|---|---|---|---|"]
+    for arm, r in results.items():
+        change = "" if arm == "base" else f"{(r['perplexity'] - base_ppl) / base_ppl:+.1%}"
+        took = f"{r['train_s']:.0f} s" if "train_s" in r else ""
+        lines.append(f"| {arm} | {r['concise_rate']:.0%} | {r['mean_words']:.1f} | {r['perplexity']:.2f} | {change} | {took} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="Built-in name or model folder.")
+    parser.add_argument("--steps", type=int, default=30, help="Training steps per arm.")
+    parser.add_argument("--batch-size", type=int, default=8, help="Pairs (SFT: examples) per step.")
+    parser.add_argument("--lr", type=float, default=None, help="Learning rate of every arm (default: recipes/dpo.yaml's).")
+    parser.add_argument("--limit", type=int, default=100, help="Held-out prompts scored.")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--ppl-tokens", type=int, default=8192, help="General-corpus tokens for perplexity.")
+    parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    parser.add_argument("--out", default="runs/preference-experiment", help="Runs and results.json go here.")
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(REPO / "src"))
+    from tunesmith.config import load_config
+    from tunesmith.data.general import general_blocks
+    from tunesmith.demo import concise
+    from tunesmith.inference import load_for_inference
+    from tunesmith.quiet import quiet_libraries
+    from tunesmith.training.run import train
+
+    quiet_libraries()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_pairs, held_out = concise.generate()
+    held_out = held_out[: args.limit]
+    sft_data = out / "sft-chosen.jsonl"
+    sft_data.write_text("".join(json.dumps(r) + "\n" for r in sft_rows(train_pairs)), encoding="utf-8")
+
+    base = load_for_inference(args.model)
+    blocks = general_blocks(base.tokenizer, max_tokens=args.ppl_tokens)
+    results = {"base": score_model(base.model, base.tokenizer, held_out, blocks, args)}
+    del base
+    print(f"base: {results['base']['concise_rate']:.0%} concise", flush=True)
+    for arm in args.arms:
+        config = load_config(REPO / "recipes" / "dpo.yaml", arm_overrides(arm, args, out, sft_data))
+        start = time.perf_counter()
+        run = train(config, progress=False, overwrite=True)
+        took = time.perf_counter() - start
+        loaded = load_for_inference(str(run.output_dir))
+        results[arm] = {**score_model(loaded.model, loaded.tokenizer, held_out, blocks, args), "train_s": took}
+        del loaded
+        print(f"{arm}: {results[arm]['concise_rate']:.0%} concise ({took:.0f} s training)", flush=True)
+
+    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2), encoding="utf-8")
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -76,3 +76,12 @@ def task_recipe(tmp: Path, model_dir, name: str, rows: list[dict], held: list[di
         "output_dir": str(tmp / name),
         **extra,
     }
+
+
+def keep_mask(x, p: float):
+    """The fused LoRA branch's dropout mask as a bool tensor (the same random draws as `keep_bits`), for
+    references that apply dropout as x * mask / keep."""
+    from tunesmith.methods.fused_lora import keep_bits
+
+    bits, keep = keep_bits(x, p)
+    return bits != 0, keep

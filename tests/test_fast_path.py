@@ -74,7 +74,7 @@ def test_fused_lora_with_dropout_equals_peft_with_the_same_masks(tmp_path, tiny_
     """Default config (LoRA dropout 0.05): the fused branch against PEFT's lora_B(lora_A(dropout(x))) * s with
     inverted dropout x * mask / keep written here. Only the masks are shared: PEFT's dropout draws them with
     the fused branch's generator, which takes the same random stream in the same layer order."""
-    from tunesmith.methods.fused_lora import keep_mask
+    from helpers import keep_mask
 
     fused = run(tmp_path, tiny_model_dir, "fused", fused_lora=True)
 

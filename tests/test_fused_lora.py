@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tunesmith.methods.fused_lora import apply_keep_bits, keep_bits, keep_mask, lora_branch, use_fused_lora
+from helpers import keep_mask
+from tunesmith.methods.fused_lora import apply_keep_bits, keep_bits, lora_branch, use_fused_lora
 
 
 def _tensors(seed: int = 0):

@@ -48,12 +48,6 @@ def apply_keep_bits(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     return (x.view(as_int) & (bits if bits.dtype == as_int else bits.to(as_int))).view(x.dtype)
 
 
-def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
-    """`keep_bits` as a bool mask (the same random draws), for code that applies dropout as x * mask / keep."""
-    bits, keep = keep_bits(x, p)
-    return bits != 0, keep
-
-
 class LoraBranch(torch.autograd.Function):
     """base + s * dropout(x) @ A^T @ B^T, with dropout(x) = x * mask / keep.
 

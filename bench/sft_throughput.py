@@ -14,6 +14,12 @@ jemalloc preloaded where the machine has it (src/tunesmith/allocator.py); `--trl
 the same allocator, to show what the allocator alone is worth.
 
     .venv/bin/python bench/sft_throughput.py --steps 3 --reps 2 --trl-jemalloc
+
+How cost grows (the README's growth table): the same contenders on the same task with each example's input
+repeated to a longer sequence, and on a randomly initialised ~0.5B Llama (no download):
+
+    .venv/bin/python bench/sft_throughput.py --seq-len 1024 --micro 1 --accum 4 --steps 2 --reps 1
+    .venv/bin/python bench/sft_throughput.py --shape llama-0.5b --seq-len 256 --micro 1 --accum 4 --steps 2 --reps 1
 """
 from __future__ import annotations
 
@@ -29,7 +35,12 @@ COMMON = r"""
 import json, resource, sys, time, threading, os
 from tunesmith.quiet import quiet_libraries
 quiet_libraries()
-steps, micro, accum = int(sys.argv[2]), 4, 4
+steps = int(sys.argv[2])
+micro, accum = int(os.environ.get("BENCH_MICRO", 4)), int(os.environ.get("BENCH_ACCUM", 4))
+data_file = os.environ.get("BENCH_DATA", "recipes/data/booking-train.jsonl")
+model_ref = os.environ.get("BENCH_MODEL", "smollm2-135m-instruct")
+workload = ([f"data.train={data_file}", f"data.max_length={os.environ['BENCH_MAX_LEN']}", f"model={model_ref}"]
+            if "BENCH_MAX_LEN" in os.environ else [])
 """
 
 TUNESMITH = COMMON + r"""
@@ -37,7 +48,7 @@ from tunesmith.config import load_config
 from tunesmith.training.run import train
 cfg = load_config("recipes/quickstart.yaml", [f"train.max_steps={steps}", f"train.batch_size={micro}",
     f"train.grad_accum={accum}", "train.lr=2e-4", "train.warmup=0.03", "train.logging_steps=1",
-    "output_dir=/tmp/bench-sft-tunesmith", "train.eval_each_epoch=false", "train.order=sequential", *sys.argv[3:]])
+    "output_dir=/tmp/bench-sft-tunesmith", "train.eval_each_epoch=false", "train.order=sequential", *workload, *sys.argv[3:]])
 cfg.data.eval = None
 cfg.data.eval_split = 0.0
 t0 = time.perf_counter()
@@ -58,11 +69,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 from tunesmith.device import use_bf16
 from tunesmith.models import pull_builtin
-folder = str(pull_builtin("smollm2-135m-instruct"))
+folder = str(pull_builtin(model_ref)) if "/" not in model_ref else model_ref
 tok = AutoTokenizer.from_pretrained(folder)
 tok.padding_side = "right"
 tok.pad_token = tok.eos_token
-rows = [json.loads(l) for l in open("recipes/data/booking-train.jsonl")]
+rows = [json.loads(l) for l in open(data_file)]
 ds = Dataset.from_list([{"prompt": [{"role": "user", "content": r["instruction"] + "\n\n" + r["input"]}],
                          "completion": [{"role": "assistant", "content": r["output"]}]} for r in rows])
 model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -71,7 +82,7 @@ lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type
 args = SFTConfig(output_dir="/tmp/bench-sft-trl", max_steps=steps, per_device_train_batch_size=micro,
                  gradient_accumulation_steps=accum, optim="adamw_torch", learning_rate=2e-4, weight_decay=0.0,
                  warmup_steps=0.03, lr_scheduler_type="cosine", gradient_checkpointing=sys.argv[3] == "ckpt",
-                 bf16=use_bf16("auto"), logging_steps=1, save_strategy="no", max_length=512, report_to=[],
+                 bf16=use_bf16("auto"), logging_steps=1, save_strategy="no", max_length=int(os.environ.get("BENCH_MAX_LEN", 512)), report_to=[],
                  use_cpu=True, seed=42, include_num_input_tokens_seen="non_padding", disable_tqdm=True,
                  train_sampling_strategy="sequential")
 trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=lora)
@@ -111,6 +122,60 @@ def matmul_peak(dtype, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
+# A randomly initialised Llama of ~0.5B parameters with the built-in model's vocabulary: the "larger model" shape.
+LLAMA_05B = dict(hidden_size=1280, intermediate_size=3456, num_hidden_layers=24, num_attention_heads=20,
+                 num_key_value_heads=4, max_position_embeddings=8192, tie_word_embeddings=True)
+
+
+def random_llama(folder: str) -> str:
+    """The ~0.5B shape saved once under `folder` (weights random, tokenizer the built-in model's)."""
+    from pathlib import Path
+
+    if (Path(folder) / "config.json").exists():
+        return folder
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tunesmith.models import pull_builtin
+
+    tokenizer = AutoTokenizer.from_pretrained(str(pull_builtin("smollm2-135m-instruct")))
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **LLAMA_05B)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def long_rows(seq_len: int, count: int, path: str) -> str:
+    """`count` booking rows whose input is repeated until the rendered example is ~`seq_len` tokens: the same task
+    at a longer sequence (the answer, the supervised part, stays short)."""
+    from transformers import AutoTokenizer
+
+    from tunesmith.models import pull_builtin
+
+    tokenizer = AutoTokenizer.from_pretrained(str(pull_builtin("smollm2-135m-instruct")))
+    rows = [json.loads(line) for line in open("recipes/data/booking-train.jsonl")]
+    with open(path, "w") as f:
+        for row in (rows * (count // len(rows) + 1))[:count]:
+            text = row["instruction"] + row["input"] + row["output"]
+            repeats = max(1, (seq_len - 40) // len(tokenizer(text)["input_ids"]))
+            f.write(json.dumps({**row, "input": " ".join([row["input"]] * repeats)}) + "\n")
+    return path
+
+
+def workload_env(args) -> dict:
+    """BENCH_* variables the child scripts read: micro batch, accumulation, data file, max length, model."""
+    env = {"BENCH_MICRO": str(args.micro), "BENCH_ACCUM": str(args.accum)}
+    if args.seq_len or args.shape != "builtin":
+        seq_len = args.seq_len or 512
+        env["BENCH_MAX_LEN"] = str(seq_len + 64)
+        env["BENCH_DATA"] = long_rows(seq_len, args.steps * args.micro * args.accum, f"/tmp/bench-sft-{seq_len}.jsonl") \
+            if args.seq_len else "recipes/data/booking-train.jsonl"
+        env["BENCH_MODEL"] = random_llama("/tmp/bench-llama-0.5b") if args.shape == "llama-0.5b" else "smollm2-135m-instruct"
+    return env
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=6)
@@ -118,13 +183,20 @@ def main() -> None:
     p.add_argument("--checkpointing", action="store_true", help="Also run tunesmith with gradient checkpointing.")
     p.add_argument("--trl-jemalloc", action="store_true",
                    help="Also run TRL (checkpointing on) with the allocator tunesmith preloads: what the allocator alone gives.")
+    p.add_argument("--seq-len", type=int, default=0,
+                   help="Repeat each example's input until it is about this many tokens (default: the data as is).")
+    p.add_argument("--shape", choices=["builtin", "llama-0.5b"], default="builtin",
+                   help="The model: the built-in SmolLM2-135M or a randomly initialised ~0.5B Llama.")
+    p.add_argument("--micro", type=int, default=4, help="Micro batch (examples).")
+    p.add_argument("--accum", type=int, default=4, help="Gradient accumulation steps.")
     args = p.parse_args()
     import torch
 
     from tunesmith.allocator import preload_env
 
     # tunesmith runs as its command does: with jemalloc preloaded where the machine has it (allocator.py)
-    system, preloaded = dict(os.environ), preload_env(dict(os.environ))
+    work = workload_env(args)
+    system, preloaded = {**os.environ, **work}, preload_env({**os.environ, **work})
     contenders = {"tunesmith": (TUNESMITH, (), preloaded or system), "trl": (TRL, ("ckpt",), system),
                   "trl-no-ckpt": (TRL, ("no-ckpt",), system)}
     if preloaded and args.trl_jemalloc:

@@ -18,7 +18,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -203,13 +203,26 @@ def tensor_seed(seed: int, model_index: int, name: str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def layer_index(name: str) -> Optional[int]:
+    """The decoder layer a tensor belongs to, or None (embeddings, final norm, lm_head)."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
 def layer_position(name: str, num_layers: int) -> float:
     """Where a tensor sits in depth for a gradient: layer i of L is i / (L - 1); embeddings 0; the rest
     (final norm, lm_head) 1."""
-    m = _LAYER.search(name)
-    if m:
-        return int(m.group(1)) / max(1, num_layers - 1)
+    layer = layer_index(name)
+    if layer is not None:
+        return layer / max(1, num_layers - 1)
     return 0.0 if _BEFORE_LAYERS.search(name) else 1.0
+
+
+def untouched_stay_base(spec: MergeSpec) -> bool:
+    """Whether a tensor no adapter changes merges to the base itself (every input is base + 0 there): true
+    for task-vector methods, slerp and normalized linear; a linear merge whose weights are not normalized
+    scales even the untouched tensors."""
+    return spec.method in TASK_VECTOR_METHODS or spec.method == "slerp" or spec.effective_normalize
 
 
 def merge_tensor(plan: MergePlan, name: str) -> torch.Tensor:
@@ -239,8 +252,8 @@ def merge_tensor(plan: MergePlan, name: str) -> torch.Tensor:
 
     m = spec.method
     untouched = all(isinstance(s, Adapter) and name not in s.touched() for s in plan.inputs)
-    if untouched and (m in TASK_VECTOR_METHODS or m == "slerp" or spec.effective_normalize):
-        return base().clone()  # every input is base + 0 here: any of these merges gives the base
+    if untouched and untouched_stay_base(spec):
+        return base().clone()
     if m == "linear":
         return methods.linear(lazy(full), spec.weights(), spec.effective_normalize, consume=True)
     if m == "slerp":
@@ -311,7 +324,8 @@ def _write_spec(spec: MergeSpec, out: Path) -> None:
 
 def merge(
     spec, out: Union[str, Path], overwrite: bool = False, *, progress: bool = True,
-    spec_file: Optional[Union[str, Path]] = None,
+    spec_file: Optional[Union[str, Path]] = None, also_reads: Sequence[outdir.Input] = (),
+    then: Optional[Callable[[Path], None]] = None,
 ) -> Path:
     """Merge as the spec says (a MergeSpec, a dict, or a YAML path) into the folder `out`; return it.
 
@@ -319,17 +333,27 @@ def merge(
     temporary folder next to `out` and swapped in at the end (outdir.staged), so a failure leaves
     nothing behind and an earlier `out` as it was; a non-empty `out` is replaced only with
     overwrite=True, and never when it is, holds or lies inside an input (`spec_file`: the spec's YAML,
-    when `spec` was loaded from one by the caller).
+    when `spec` was loaded from one by the caller, and `also_reads`: other inputs of the caller). `then(tmp)`
+    writes more files beside the merged model before the folder is swapped in (the search's tables).
     """
     if isinstance(spec, (str, Path)):
         spec_file = spec
     spec = load_merge_spec(spec)
     plan = plan_merge(spec)
-    target = Path(out).expanduser()
-    check_target(target, _reads(plan, spec_file), may_replace=overwrite, flag="--out", example="merged/my-model",
-                 taken="exists and is not empty; pass --overwrite or choose another folder")
+    target = check_out(plan, out, overwrite, spec_file, also_reads)
     with staged(target) as tmp:
         _write(plan, tmp, progress)
+        if then is not None:
+            then(tmp)
+    return target
+
+
+def check_out(plan: MergePlan, out: Union[str, Path], overwrite: bool, spec_file: Optional[Union[str, Path]] = None,
+              also_reads: Sequence[outdir.Input] = ()) -> Path:
+    """The output folder, refused (TunesmithError) if writing it could destroy an input or earlier work."""
+    target = Path(out).expanduser()
+    check_target(target, _reads(plan, spec_file) + list(also_reads), may_replace=overwrite, flag="--out",
+                 example="merged/my-model", taken="exists and is not empty; pass --overwrite or choose another folder")
     return target
 
 

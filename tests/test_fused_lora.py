@@ -107,13 +107,13 @@ def test_branch_under_bf16_autocast_equals_autocast_autograd():
         torch.testing.assert_close(mine, theirs, rtol=2e-2, atol=2e-2)
 
 
-def _peft_model(tiny_model_dir, dropout: float, dora: bool = False):
+def _peft_model(tiny_model_dir, dropout: float):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", use_dora=dora,
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
                         init_lora_weights="gaussian", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, config)
     for n, p in peft_model.named_parameters():  # non-zero B so every gradient is exercised
@@ -176,10 +176,6 @@ def test_fused_branch_keeps_fewer_activations_with_dropout(tiny_model_dir):
     use_fused_lora(fused)
     peft_bytes, fused_bytes = _saved_bytes(peft_model, ids), _saved_bytes(fused, ids)
     assert fused_bytes < 0.8 * peft_bytes, (fused_bytes, peft_bytes)
-
-
-def test_dora_layers_keep_peft_forward(tiny_model_dir):
-    assert use_fused_lora(_peft_model(tiny_model_dir, dropout=0.0, dora=True)).layers == 0
 
 
 def _lora_layers(model) -> list:

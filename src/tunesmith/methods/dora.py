@@ -1,7 +1,8 @@
 """DoRA through PEFT: LoRA whose update is split into a trained magnitude and a direction.
 
 W' = m * (W0 + s B A) / ||W0 + s B A||, the norm taken per output feature, m a trained vector (d_out);
-PEFT implements the paper's formula (tests/test_methods.py checks it).
+PEFT implements the paper's formula (tests/test_methods.py checks it). Training runs each layer as one
+`fused_dora.DoraBranch` (train.fused_lora), which assembles the norm from low-rank terms.
 """
 from __future__ import annotations
 
@@ -25,6 +26,11 @@ def dora_tensors(r: int, name: str, d_in: int, d_out: int) -> list[int]:
 
 def dora_saves(a: AdapterSaves) -> tuple[dict[str, int], bool]:
     out, keep_input = lora_saves(a)
+    if a.fused:
+        # fused_dora.DoraBranch: z + s B A u (all the magnitude's gradient needs), and the d_out vectors
+        # d = m / n - 1 and n in the magnitude's dtype (fp32)
+        out["DoRA base and LoRA results"] = a.tokens * a.d_out * a.act_bytes + 2 * a.d_out * 4
+        return out, keep_input
     # the magnitude's gradient needs the base and the LoRA result; the (detached) weight norm and the
     # scale are d_out vectors
     out["DoRA base and LoRA results"] = (2 * a.tokens * a.d_out + 3 * a.d_out) * a.act_bytes
@@ -49,5 +55,6 @@ METHOD = Method(
     prepare=prepare_dora,
     adapter=AdapterBill(formula="r x (d_in + d_out) + d_out (magnitude)", tensors=dora_tensors, saves=dora_saves,
                         qv_note=True, workspace=IDENTITY),
+    fused_lora=True,
     warm_imports=("peft",),
 )

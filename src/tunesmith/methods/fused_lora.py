@@ -8,44 +8,19 @@ dropped-out input in backward. Same math, same parameters, same saved adapter: o
 `lora.Linear` is swapped, and only while gradients are on (generation and eval run PEFT's own code).
 
 The swap is an instance attribute over PEFT's class method, installed and removed by one handle
-(`use_fused_lora`), so a model that is saved or served after training runs PEFT's code untouched.
+(`use_fused_lora`), so a model that is saved or served after training runs PEFT's code untouched. The same
+handle gives DoRA layers `fused_dora`'s forward.
 """
 from __future__ import annotations
 
 import types
+from typing import Callable
 
 import torch
 
 from ..errors import TunesmithError
-
-
-_INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def keep_bits(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
-    """A Bernoulli keep-mask for dropout as int16 words (-1 keep, 0 drop), and the keep probability it really
-    has.
-
-    Each entry takes 15 of 16 random bits, so the drop probability is p rounded to a multiple of 1/32768
-    (0.05 -> 1638/32768) and kept entries are scaled by that exact keep probability: unbiased. One 64-bit draw
-    gives four entries (a float draw per entry measured 3x slower), and the comparison is integer arithmetic
-    whose sign bit is the mask: with `apply_keep_bits` the mask costs a bitwise AND, where a bool mask through
-    `torch.where` measured 4x slower and dropout was 17% of a LoRA step (bench/profile_step.py).
-    """
-    drop = round(p * 32768)
-    words = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
-    half = words.view(torch.int16)[: x.numel()].view(x.shape) >> 1  # uniform on [-16384, 16383]
-    # (drop - 16385) - half is >= 0 exactly when half + 16384 < drop (a drop), and never overflows int16:
-    # an arithmetic shift by 15 turns its sign into 0 (drop) or -1 (keep)
-    bits = torch.sub(drop - 16385, half).bitwise_right_shift_(15)
-    return bits, 1.0 - drop / 32768
-
-
-def apply_keep_bits(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """x with dropped entries zeroed: `keep_bits` (any signed integer width; they sign-extend to all-ones or
-    zero words of x's width) ANDed with x's bits."""
-    as_int = _INT_OF_SIZE[x.element_size()]
-    return (x.view(as_int) & (bits if bits.dtype == as_int else bits.to(as_int))).view(x.dtype)
+from .fused_dora import fused_dora_forward, is_fusable_dora
+from .fused_parts import INT_OF_SIZE, apply_keep_bits, as_adapter_dtype, keep_bits
 
 
 class LoraBranch(torch.autograd.Function):
@@ -60,7 +35,7 @@ class LoraBranch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base, a, b, scale: float, p: float):
         bits, keep = keep_bits(x, p) if p > 0 else (None, 1.0)
-        xa = _as(x, a)
+        xa = as_adapter_dtype(x, a)
         xm = apply_keep_bits(xa, bits) if bits is not None else xa
         factor = scale / keep
         hs = (xm.reshape(-1, x.shape[-1]) @ a.t()) * factor  # (tokens x r)
@@ -77,7 +52,7 @@ class LoraBranch(torch.autograd.Function):
         x, bits, hs, a, b = ctx.saved_tensors
         dtype = hs.dtype
         if bits is not None:
-            bits = bits.to(_INT_OF_SIZE[dtype.itemsize])  # widened once, used twice
+            bits = bits.to(INT_OF_SIZE[dtype.itemsize])  # widened once, used twice
         g = grad.reshape(-1, grad.shape[-1]).to(dtype)
         gu = (g @ b.to(dtype)) * ctx.factor  # gradient at (x * m) A^T, (tokens x r)
         grad_x = grad_a = grad_b = None
@@ -93,14 +68,6 @@ class LoraBranch(torch.autograd.Function):
                 grad_x = apply_keep_bits(grad_x, bits)
             grad_x = grad_x.to(x.dtype)
         return grad_x, grad if ctx.needs_input_grad[1] else None, grad_a, grad_b, None, None
-
-
-def _as(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """x in the adapter's dtype, as PEFT casts it; under autocast the matmul picks the dtype itself. The
-    Function saves the uncast x, which the layer's other projections share."""
-    if x.dtype == a.dtype or torch.is_autocast_enabled(x.device.type):
-        return x
-    return x.to(a.dtype)
 
 
 def lora_branch(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, p: float = 0.0,
@@ -135,13 +102,13 @@ _NO_ATTRIBUTE = object()
 
 
 class FusedLora:
-    """The fused forward installed on a model's plain LoRA layers; `remove()`, or leaving a `with` block,
+    """The fused forwards installed on a model's plain LoRA and DoRA layers; `remove()`, or leaving a `with` block,
     gives each layer back the forward it had before (PEFT's class method: no instance attribute is left)."""
 
-    def __init__(self, layers: list[torch.nn.Module]):
-        self._before = [(layer, layer.__dict__.get("forward", _NO_ATTRIBUTE)) for layer in layers]
-        for layer in layers:
-            layer.forward = types.MethodType(_fused_forward, layer)
+    def __init__(self, forwards: list[tuple[torch.nn.Module, Callable]]):
+        self._before = [(layer, layer.__dict__.get("forward", _NO_ATTRIBUTE)) for layer, _ in forwards]
+        for layer, forward in forwards:
+            layer.forward = forward
 
     @property
     def layers(self) -> int:
@@ -163,13 +130,17 @@ class FusedLora:
 
 
 def use_fused_lora(model: torch.nn.Module) -> FusedLora:
-    """Route every plain LoRA linear layer of a PEFT model through LoraBranch, until the handle is removed.
+    """Route every plain LoRA linear layer of a PEFT model through LoraBranch, and every DoRA one through
+    `fused_dora.DoraBranch`, until the handle is removed.
 
     Checked before anything is swapped, so a refused model is left as it was."""
-    from peft.tuners.lora.layer import Linear
+    from peft.tuners.lora.layer import Linear  # heavy: peft imports torch and transformers
 
-    # DoRA, bitsandbytes and other variants keep PEFT's forward
-    layers = [m for m in model.modules() if type(m) is Linear and not m.lora_variant]
-    if any(layer.lora_bias.get(n, False) for layer in layers for n in layer.lora_A):
+    # bitsandbytes layers and other variants keep PEFT's forward
+    linears = [m for m in model.modules() if type(m) is Linear]
+    plain = [m for m in linears if not m.lora_variant]
+    dora = [m for m in linears if is_fusable_dora(m)]
+    if any(layer.lora_bias.get(n, False) for layer in plain + dora for n in layer.lora_A):
         raise TunesmithError("train.fused_lora does not support LoRA bias; set train.fused_lora: false")
-    return FusedLora(layers)
+    return FusedLora([(m, types.MethodType(_fused_forward, m)) for m in plain]
+                     + [(m, fused_dora_forward(m)) for m in dora])

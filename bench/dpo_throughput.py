@@ -7,7 +7,9 @@ accumulation 4, the same number of optimizer steps, lr 5e-5 cosine with 3% warmu
 `train.bf16: auto` picks it. The reference is the adapter-disabled base in both. TRL runs twice: with gradient
 checkpointing (its default) and without (its fastest). Each run is its own process (peak RSS is its own);
 runs alternate, `--reps` times each. The summary gives tunesmith's tokens/s over TRL's fastest and its
-peak RSS over TRL's leanest, per paired rep, and the final losses side by side.
+peak RSS over TRL's leanest, per paired rep, and the final losses side by side. tunesmith runs as its command
+runs it, with jemalloc preloaded where the machine has it (src/tunesmith/allocator.py), as in
+bench/sft_throughput.py.
 
     .venv/bin/python bench/dpo_throughput.py --steps 3 --reps 2
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -94,8 +97,9 @@ def write_pairs(path: str) -> None:
                                   "rejected": json.dumps(wrong)}) + "\n")
 
 
-def run(code: str, steps: int, extra: tuple[str, ...] = ()) -> dict:
-    proc = subprocess.run([sys.executable, "-c", code, "x", str(steps), PAIRS_FILE, *extra], capture_output=True, text=True)
+def run(code: str, steps: int, extra: tuple[str, ...] = (), env: dict | None = None) -> dict:
+    proc = subprocess.run([sys.executable, "-c", code, "x", str(steps), PAIRS_FILE, *extra], capture_output=True,
+                          text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(proc.stderr[-4000:])
@@ -107,14 +111,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
+    from tunesmith.allocator import preload_env
+
     write_pairs(PAIRS_FILE)
-    contenders = {"tunesmith": (TUNESMITH, ()), "trl": (TRL, ("ckpt",)), "trl-no-ckpt": (TRL, ("no-ckpt",))}
+    system = dict(os.environ)
+    contenders = {"tunesmith": (TUNESMITH, (), preload_env(system) or system), "trl": (TRL, ("ckpt",), system),
+                  "trl-no-ckpt": (TRL, ("no-ckpt",), system)}
     results = {name: [] for name in contenders}
     for rep in range(args.reps):
         order = list(contenders) if rep % 2 == 0 else list(reversed(contenders))
         for name in order:
-            code, extra = contenders[name]
-            r = run(code, args.steps, extra)
+            code, extra, env = contenders[name]
+            r = run(code, args.steps, extra, env)
             results[name].append(r)
             print(f"rep {rep} {name:12s} {r['tokens_per_second']:7.1f} tok/s  peak RSS {r['peak_rss_mib']:7.0f} MiB  "
                   f"final loss {r['final_loss']:.4f}", flush=True)

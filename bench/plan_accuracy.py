@@ -9,6 +9,9 @@ position supervised) and reports its peak RSS above the idle process (see tunesm
 how). Each run gets a fresh process so one run's memory never counts in the next. Prints the markdown
 table (predicted, measured, error) and writes the raw numbers as JSON.
 
+Preference objectives are checked the same way: `--preference` (the default: dpo, which adds the reference
+pass) runs lora and full with each pair of two sequences of the first length (chosen + rejected in one row).
+
 `--default-malloc` also measures the first sequence length with glibc's default malloc (freed memory
 kept for reuse) to show how much allocator slack adds on top of the live memory the bill predicts.
 """
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 
 METHODS = ("full", "lora", "qlora", "galore")
+PREFERENCE_METHODS = ("full", "lora")  # the two references: precomputed, adapter disabled
 # name: (hidden, layers, heads, kv heads, intermediate, tied embeddings)
 TINY = {
     "tiny-gqa-256x4": (256, 4, 4, 2, 704, True),
@@ -36,10 +40,10 @@ from tunesmith.quiet import quiet_libraries
 quiet_libraries()
 from tunesmith.config import load_config
 from tunesmith.planning.measure import measure
-model, method, seq, live = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "live"
+model, method, seq, live, objective = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "live", sys.argv[5]
 opts = {"galore": {"galore_rank": 64, "update_proj_gap": 200}}.get(method, {})
 cfg = load_config({"model": model, "data": {"train": "(synthetic)"}, "method": {"name": method, **opts},
-                   "train": {"bf16": False}})
+                   "train": {"bf16": False, "objective": objective}})
 m = measure(cfg, seq_len=seq, batch=1, steps=2, live_memory=live)
 print("RESULT " + json.dumps(m.as_dict()))
 """
@@ -66,9 +70,9 @@ def build_tiny(root: Path) -> dict[str, str]:
     return paths
 
 
-def run_one(model: str, method: str, seq: int, live: bool) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, model, method, str(seq), "live" if live else "default"],
-                          capture_output=True, text=True)
+def run_one(model: str, method: str, seq: int, live: bool, objective: str = "sft") -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, model, method, str(seq), "live" if live else "default",
+                           objective], capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"{model} {method} {seq} failed:\n{proc.stderr[-3000:]}")
@@ -80,6 +84,8 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results/plan_accuracy.json")
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--models", nargs="*", default=list(SEQ))
+    parser.add_argument("--preference", nargs="*", default=["dpo"],
+                        help="preference objectives to check too (lora and full, first length; none: --preference)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="also measure each model/method at its first length without the live-malloc setting")
     args = parser.parse_args()
@@ -100,6 +106,12 @@ def main() -> None:
                     d["label"] = model
                     r["default_malloc_measured_mib"] = d["measured_mib"]
                     r["default_malloc_error"] = d["error"]
+            for objective in args.preference if method in PREFERENCE_METHODS else ():
+                r = run_one(refs[model], method, SEQ[model][0], live=True, objective=objective)
+                r["label"] = model
+                rows.append(r)
+                print(f"{model} {method} {objective} seq {SEQ[model][0]} x 2: predicted {r['predicted_mib']:.0f} MiB, "
+                      f"measured {r['measured_mib']:.0f} MiB, error {r['error']:+.1%}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
     worst = max(abs(r["error"]) for r in rows)
@@ -112,7 +124,8 @@ def main() -> None:
         extra = ""
         if slack:
             extra = f" {r['default_malloc_measured_mib']:.0f} |" if "default_malloc_measured_mib" in r else " |"
-        print(f"| {r['label']} | {r['method']} | {r['batch']} x {r['seq_len']} | {r['predicted_mib']:.0f} | "
+        method = r["method"] + (f" {r['objective']}" if r.get("objective", "sft") != "sft" else "")
+        print(f"| {r['label']} | {method} | {r['batch']} x {r['seq_len']} | {r['predicted_mib']:.0f} | "
               f"{r['measured_mib']:.0f} | {r['error']:+.1%} | {r['peak_phase']} | {r['seconds_per_step']:.1f} |" + extra)
 
 

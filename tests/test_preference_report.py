@@ -64,7 +64,3 @@ def test_train_names_the_bad_row(recipe, tmp_path):
     bad = GOOD + [{"prompt": " ", "chosen": "a", "rejected": "b"}]
     fails(invoke("train", recipe(bad), "--output-dir", tmp_path / "out"), "pairs.jsonl:5: the prompt is empty")
     assert not (tmp_path / "out").exists()
-
-
-def test_dry_run_says_preference_runs_are_not_measured_yet(recipe):
-    fails(invoke("train", recipe(GOOD), "--dry-run"), "train.objective=dpo: memory and time measurement (--dry-run")

@@ -15,6 +15,7 @@ from typing import Optional, Union
 from ..config import MethodConfig, load_config
 from ..errors import TunesmithError
 from ..methods import DEFAULT_METHOD, METHODS, get_method
+from ..objectives import DEFAULT_OBJECTIVE
 from ..sizes import GiB, MiB, fmt_bytes, parse_size
 from .bill import Bill, compute_bill
 from .setup import PRECISIONS, SELECTIVE_LOSS, Setup, train_regime
@@ -78,10 +79,13 @@ def plan(
     device: str = "auto",
     loss: str = SELECTIVE_LOSS,
     layout: str = "padding_free",
+    objective: str = DEFAULT_OBJECTIVE,
     budget=None,
     **method_options,
 ) -> Bill:
-    """The memory bill of one training setup (see tunesmith.planning.lines for every line's formula)."""
+    """The memory bill of one training setup (see tunesmith.planning.lines for every line's formula). With a
+    preference objective (dpo, orpo, simpo) `batch` counts pairs and `seq_len` is one reply's sequence: each pair
+    is chosen + rejected in one row, and dpo adds its reference pass."""
     dev = auto_device() if device == "auto" else device
     m = method if isinstance(method, MethodConfig) else method_config(method, rank, targets, **method_options)
     prec = auto_precision(dev, m.name) if precision == "auto" else precision
@@ -89,5 +93,5 @@ def plan(
         raise TunesmithError(f"precision '{precision}': use auto, {', '.join(PRECISIONS)}")
     setup = Setup(seq_len=seq_len, batch=batch, grad_accum=grad_accum, precision=prec, checkpointing=checkpointing,
                   optimizer=get_method(m.name).optimizer or optimizer, devices=devices, zero=zero, loss=loss,
-                  layout=layout, device=dev)
+                  layout=layout, device=dev, objective=objective)
     return compute_bill(model, m, setup, budget=budget)

@@ -120,7 +120,7 @@ def _layer(c: _Ctx, T: int, i: int, rg_in: bool) -> tuple[dict, bool]:
         elif v_rg:
             _add(out, "attention scores (s x s)", probs * c.ab)
     o_rg, o_keep = _linear(c, T, lin["o_proj"], attn_rg, i, out)
-    if o_keep and (s.attention == "eager" or s.fused_qkv or (packed and st.batch > 1)):
+    if o_keep and (s.attention == "eager" or s.fused_qkv or (packed and st.sequences > 1)):
         # else sdpa's saved output is that input (same storage); packed rows concatenate the examples' outputs
         _add(out, "linear inputs", T * q_w * c.ab)
     if "post_attention_layernorm" in s.norms and s.model_type == "gemma2":
@@ -157,7 +157,10 @@ def _layer(c: _Ctx, T: int, i: int, rg_in: bool) -> tuple[dict, bool]:
 
 def effective_loss(spec: ModelSpec, tr: Trainability, setup: Setup) -> str:
     """tunesmith falls back to transformers' full loss for a method whose entry opts out of the selective
-    loss (AdaLoRA: its regulariser lives in the model's forward) and for logit soft-capping (Gemma 2)."""
+    loss (AdaLoRA: its regulariser lives in the model's forward) and for logit soft-capping (Gemma 2).
+    Preference objectives always take the selective path (config refuses the rest, bill.py checks it)."""
+    if setup.preference:
+        return SELECTIVE_LOSS
     if setup.loss == FULL_LOSS or spec.final_softcap or not tr.entry.selective_loss:
         return FULL_LOSS
     return SELECTIVE_LOSS
@@ -202,12 +205,31 @@ def _loss_buffers(c: _Ctx, loss: str) -> tuple[int, int]:
         # transformers' loss: log-softmax (fp32) of every position is saved; its backward adds the nll
         # gradient and the log-softmax gradient, two more fp32 tokens x vocab buffers
         return T * V * 4 + (T * V * c.ab if spec.final_softcap else 0), 2 * T * V * 4
-    # tunesmith's selective loss: the gradients for the hidden rows (and the lm_head) are built in
-    # the forward pass and saved; per chunk of C rows: logits, logits - lse and exp(...) (3 C x V fp32)
     rows = setup.supervised
     chunk = min(setup.chunk_tokens, rows)
     head_grad = V * h * 4 if _lm_head_trains(spec, c.tr) else 0
+    if setup.preference:
+        # training/preference.py's chunked log-probs: forward saves the completion rows' hidden states and
+        # targets; backward builds their gradient and, per chunk, the logits and the softmax turned in place
+        # into its gradient (2 C x V fp32), and (lm_head training) an fp32 weight gradient plus one chunk's product
+        return rows * (h * c.ab + 8), rows * h * c.ab + 2 * chunk * V * 4 + 2 * head_grad
+    # tunesmith's selective loss: the gradients for the hidden rows (and the lm_head) are built in
+    # the forward pass and saved; per chunk of C rows: logits, logits - lse and exp(...) (3 C x V fp32)
     return rows * h * c.ab + head_grad, rows * h * c.ab + 3 * chunk * V * 4 + head_grad
+
+
+def no_grad_forward(spec: ModelSpec, tr: Trainability, setup: Setup) -> int:
+    """Peak temporaries of a forward pass without autograd (a preference run's reference pass): one layer's
+    working set at a time (residual and normed stream, q/k/v and output, gate, up and their product), the final
+    hidden states, and the chunked log-probs (the completion rows' hidden states; a chunk's C x V fp32 logits and
+    the exponentials logsumexp takes of them)."""
+    c = _ctx(spec, tr, setup)
+    T, h, I = setup.tokens, spec.hidden, spec.intermediate
+    rows = setup.supervised
+    attention = T * (2 * spec.heads + 2 * spec.kv_heads) * spec.head_dim * c.ab
+    layer = 3 * T * h * c.nb + max(attention, 3 * T * I * c.ab)
+    head = rows * h * c.ab + 2 * min(setup.chunk_tokens, rows) * spec.vocab * 4
+    return layer + T * h * c.nb + head
 
 
 def activations(spec: ModelSpec, tr: Trainability, setup: Setup) -> Activations:

@@ -16,8 +16,8 @@ from typing import Optional
 from ..config import MethodConfig
 from ..errors import TunesmithError
 from ..methods import METHODS, get_method
-from ..sizes import SIZE_HELP, GiB, MiB, SizeError, parse_size
-from .activations import Activations, activations
+from ..sizes import SIZE_HELP, GiB, MiB, SizeError, fmt_bytes, parse_size
+from .activations import Activations, activations, no_grad_forward
 from .lines import (
     ADAM_COSTS,
     FORWARD_ONLY,
@@ -35,12 +35,15 @@ from .lines import (
     master_line,
     optimizer_cost,
     optimizer_line,
+    frozen_copy_bytes,
     overhead_line,
+    reference_line,
+    reference_mode,
     step_workspace_line,
     trainable_line,
     weights_line,
 )
-from .setup import FULL_LOSS, Setup
+from .setup import FULL_LOSS, REFERENCE_ADAPTER, REFERENCE_COPY, Setup
 from .spec import load_spec
 
 
@@ -124,6 +127,22 @@ def _setup(setup: Optional[Setup], method: MethodConfig) -> Setup:
     return setup
 
 
+def check_objective(x: Inputs) -> None:
+    """What config and training refuse for a preference objective, refused here in the same words."""
+    s = x.setup
+    if not s.preference:
+        return
+    if s.loss == FULL_LOSS:
+        raise TunesmithError(f"objective {s.objective} scores completions with the chunked log-probs, never "
+                             "transformers' full loss: drop --loss full")
+    if not x.tr.entry.selective_loss:
+        raise TunesmithError(f"objective {s.objective} scores replies on the decoder body's output, which bypasses "
+                             f"method {x.method.name}'s own forward: use another method, e.g. lora")
+    if x.spec.final_softcap:
+        raise TunesmithError(f"objective {s.objective} needs logits that are exactly lm_head(hidden); {x.spec.name} "
+                             "soft-caps its logits: plan it with objective sft")
+
+
 def phases(x: Inputs, lines: list[Line], act: Activations) -> dict[str, int]:
     """Bytes alive at each moment of a training step; the peak is the largest."""
     spec, setup, tr = x.spec, x.setup, x.tr
@@ -145,6 +164,11 @@ def phases(x: Inputs, lines: list[Line], act: Activations) -> dict[str, int]:
     }
     if head_grad and not grads_kept and act.loss == FULL_LOSS:
         out["lm_head backward"] = base + head_grad + saved
+    if "reference" in get:
+        if reference_mode(x) == REFERENCE_ADAPTER:  # first in the step, before the policy saves anything
+            out["reference forward"] = base + grads_kept + get["reference"]
+        else:  # before training: the model as loaded, no gradients or optimizer states yet
+            out["reference pass (before training)"] = get["weights"] + get.get("gather", 0) + get["reference"]
     if setup.checkpointing:
         out["recompute (checkpointing)"] = (base + max(grads_kept, head_grad) + act.checkpoint_inputs + act.layer_bytes
                                             + amp_copies)
@@ -162,6 +186,10 @@ def notes(x: Inputs) -> list[str]:
         if qv:
             out.append(f"LoRA r={method.r} on this model: every linear layer ({len(spec.linears)} per layer) "
                        f"{n_all:,} parameters; q_proj and v_proj only {n_qv:,}.")
+    if x.setup.needs_reference and reference_mode(x) != REFERENCE_ADAPTER:
+        out.append(f"reference: tunesmith train scores every pair once before training instead of keeping a "
+                   f"{REFERENCE_COPY} of the model ({fmt_bytes(frozen_copy_bytes(x))} more for the whole run); "
+                   "that pass costs one forward over the training pairs.")
     p = x.setup.precision
     if p == "pure-bf16" or (p == "bf16" and not x.tr.is_adapter):
         out.append("tunesmith train keeps weights that train in fp32 (bf16 only as autocast): plan it with precision "
@@ -177,13 +205,14 @@ def compute_bill(model, method: MethodConfig | dict | str | None = None, setup: 
     """The memory bill of training `model` with `method` under `setup` (see Setup)."""
     method = _method(method)
     x = bill_inputs(load_spec(model), method, _setup(setup, method))
+    check_objective(x)
     act = activations(x.spec, x.tr, x.setup)
     cost = optimizer_cost(x)
     overhead = overhead_line(x)
     candidates = (weights_line(x), trainable_line(x), gradients_line(x), ddp_buckets_line(x), optimizer_line(cost),
                   master_line(x), activations_line(x, act), autocast_copies_line(x), logits_line(x, act),
                   adapter_workspace_line(x), backward_workspace_line(x), step_workspace_line(cost), gather_line(x),
-                  overhead)
+                  reference_line(x, no_grad_forward(x.spec, x.tr, x.setup)), overhead)
     lines = [l for l in candidates if l is not None]
     by_phase = phases(x, lines, act)
     peak_phase = max(by_phase, key=by_phase.get)

@@ -24,7 +24,7 @@ from typing import Optional
 from ..config import MethodConfig
 from ..sizes import GiB, MiB, fmt_bytes, fmt_count
 from .activations import Activations
-from .setup import FULL_LOSS, REGIME_TEXT, Setup
+from .setup import FULL_LOSS, REFERENCE_ADAPTER, REFERENCE_COPY, REFERENCE_PRECOMPUTED, REGIME_TEXT, Setup
 from .spec import ModelSpec
 from .trainable import Trainability, galore_targets, trainability, trainable_params, trainable_tensors
 
@@ -306,7 +306,7 @@ def activations_line(x: Inputs, act: Activations) -> Line:
     formula = f"{act.formula}; micro batch {setup.batch} x {setup.seq_len} tokens; {attn}"
     if setup.layout == "padded" and setup.is_padded and spec.kv_heads < spec.heads:
         formula += "; padded batch: k/v repeated for the mask"
-    if setup.layout == "padding_free" and setup.batch > 1 and setup.packed_attention and spec.attention == "sdpa":
+    if setup.layout == "padding_free" and setup.sequences > 1 and setup.packed_attention and spec.attention == "sdpa":
         formula += "; packed rows: attention per example"
     assumes = ACTIVATION_ASSUMES[setup.precision] + ("; with gradient checkpointing" if setup.checkpointing
                                                      else "; no checkpointing")
@@ -338,6 +338,16 @@ def logits_line(x: Inputs, act: Activations) -> Line:
         assumes = "transformers' cross-entropy over every position"
         if setup.loss != FULL_LOSS:
             assumes += " (tunesmith falls back to it for AdaLoRA and soft-capped logits)"
+    elif setup.preference:
+        act_b = x.widths.activation
+        rows = setup.supervised
+        chunk = min(setup.chunk_tokens, rows)
+        formula = (f"{rows:,} completion rows of {setup.sequences} sequences (chosen + rejected per pair) x "
+                   f"({spec.hidden} x {act_b} B hidden states kept + their gradient, 8 B target) + 2 x chunk of "
+                   f"{chunk:,} rows x {spec.vocab:,} vocab x 4 B")
+        if act.logits_transient > rows * spec.hidden * act_b + 2 * chunk * spec.vocab * 4:
+            formula += " + lm_head gradient 2 x vocab x hidden x 4 B"
+        assumes = "tunesmith's chunked completion log-probs (training/preference.py): only completion positions"
     else:
         act_b = x.widths.activation
         rows = setup.supervised
@@ -350,6 +360,37 @@ def logits_line(x: Inputs, act: Activations) -> Line:
     return Line("logits", "logits and loss buffers", act.logits_saved + act.logits_transient, formula, assumes,
                 "The loss turns each position into a vocabulary-sized fp32 row; only the supervised rows, "
                 "one chunk at a time, with the selective loss.", ("forward", "backward"))
+
+
+# ---- the reference of a preference objective ----------------------------------------------------
+def reference_mode(x: Inputs) -> str:
+    """What `tunesmith train` uses (training/preference.reference_mode): an adapter method's model with its
+    adapter disabled; otherwise every pair scored once before training, never a frozen copy."""
+    return REFERENCE_ADAPTER if x.tr.is_adapter else REFERENCE_PRECOMPUTED
+
+
+def frozen_copy_bytes(x: Inputs) -> int:
+    """A second, frozen copy of the model as loaded (the alternative to precomputing)."""
+    return x.setup.per_device(x.total * x.widths.weight, 3)
+
+
+def reference_line(x: Inputs, forward: int) -> Optional[Line]:
+    """The reference pass: a forward without autograd. Adapter disabled: no extra weights; precomputed: that
+    pass runs over the training pairs before the first step, and the step only reads 2 floats per pair."""
+    if not x.setup.needs_reference:
+        return None
+    mode, copy = reference_mode(x), frozen_copy_bytes(x)
+    formula = (f"{x.setup.objective}: no-grad forward of {x.setup.tokens:,} tokens (one layer's working set, final "
+               f"hidden states, chunked log-probs) = {fmt_bytes(forward)}")
+    if mode == REFERENCE_ADAPTER:
+        formula = "the trained model with its adapter disabled (no second copy); " + formula
+    else:
+        formula = (f"{REFERENCE_PRECOMPUTED}: each pair scored once before training (2 x 4 B per pair in the step); "
+                   f"a {REFERENCE_COPY} would hold {fmt_count(x.total)} x {x.widths.weight} B = {fmt_bytes(copy)} "
+                   f"more all run; " + formula)
+    return Line("reference", f"reference model ({mode})", forward, formula,
+                f"what tunesmith train chooses: {mode} (training/preference.py)",
+                "Preference objectives compare the policy's log-probs with the starting model's.", ("reference",))
 
 
 # ---- workspaces -------------------------------------------------------------------------------

@@ -37,8 +37,11 @@ from typing import Optional
 
 from ..config import RunConfig
 from ..data.assemble import prepare_data
+from ..data.masking import IGNORE_INDEX, TokenizedExample
+from ..data.preference import PreferenceExample
 from ..methods import get_method, load_kwargs, prepare_model
 from ..models import load_model, load_tokenizer
+from ..objectives import DEFAULT_OBJECTIVE, get_objective
 from ..sizes import MiB, fmt_bytes
 from .bill import Bill, compute_bill
 from .setup import FULL_LOSS, SELECTIVE_LOSS, Setup, train_regime
@@ -138,6 +141,7 @@ class Measurement:
     bill: Bill
     padded: bool = False
     notes: list[str] = field(default_factory=list)
+    objective: str = DEFAULT_OBJECTIVE  # train.objective; a preference pair is two sequences of seq_len
 
     @property
     def error(self) -> float:
@@ -154,6 +158,7 @@ class Measurement:
             "steps": self.steps,
             "precision": self.precision,
             "padded": self.padded,
+            "objective": self.objective,
             "predicted_bytes": self.predicted,
             "measured_bytes": self.measured,
             "predicted_mib": round(self.predicted / MiB, 1),
@@ -208,6 +213,27 @@ def _run_config(config: RunConfig, batch: int, grad_accum: int, steps: int, out:
     return cfg
 
 
+def synthetic_examples(vocab: int, n: int, seq_len: int, preference: bool, seed: int) -> list:
+    """n examples of random token ids, every position supervised: sequences of exactly seq_len, or (preference
+    objectives) pairs of two such sequences, chosen and rejected."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(0, vocab, (seq_len,), generator=g).tolist() for _ in range(n * (2 if preference else 1))]
+    if not preference:
+        return [SimpleNamespace(input_ids=r, labels=r) for r in rows]
+    seq = [TokenizedExample(r, r, ["synthetic"] * len(r)) for r in rows]
+    return [PreferenceExample(seq[2 * i], seq[2 * i + 1]) for i in range(n)]
+
+
+def sequences_of(examples: list) -> list:
+    """The sequences a micro batch's rows hold: each pair's chosen and rejected, or each example."""
+    out = []
+    for ex in examples:
+        out.extend((ex.chosen, ex.rejected) if isinstance(ex, PreferenceExample) else (ex,))
+    return out
+
+
 def measure(
     config: RunConfig,
     *,
@@ -221,8 +247,9 @@ def measure(
 ) -> Measurement:
     """Run `steps` optimizer steps of `config` and compare the peak memory with the bill.
 
-    `examples` ({"input_ids", "labels"} dicts) replace the synthetic data; then seq_len is the
-    longest of them. Gradient accumulation above 2 is measured at 2: from the second micro batch
+    `examples` ({"input_ids", "labels"} dicts, or PreferenceExample pairs for a preference objective) replace
+    the synthetic data; then seq_len is the longest sequence (padded rows) or the mean one (padding-free rows;
+    a pair is two sequences). Gradient accumulation above 2 is measured at 2: from the second micro batch
     on, memory repeats (the gradients of earlier micro batches are what accumulation adds).
     """
     import torch
@@ -252,19 +279,19 @@ def measure(
         own_memory(prepared.model)
         vocab = model.get_input_embeddings().num_embeddings
         n = steps * batch * accum
+        preference = get_objective(cfg.train.objective).preference
         if examples is None:
-            g = torch.Generator().manual_seed(cfg.train.seed)
-            rows = [torch.randint(0, vocab, (seq_len,), generator=g).tolist() for _ in range(n)]
-            data = [{"input_ids": r, "labels": r} for r in rows]
+            data = synthetic_examples(vocab, n, seq_len, preference, cfg.train.seed)
             padded = False
         else:
-            data = list(examples)[:n]
+            data = [d if isinstance(d, PreferenceExample) else SimpleNamespace(**d) for d in examples][:n]
             while len(data) < n:
                 data += data[: n - len(data)]
-            lengths = [len(d["input_ids"]) for d in data]
-            # padded rows are as long as the longest; padding-free rows hold the examples back to back
+            lengths = [len(x.input_ids) for x in sequences_of(data)]
+            # padded rows are as long as the longest; padding-free rows hold the sequences back to back
             seq_len = max(lengths) if not config.train.padding_free else -(-sum(lengths) // len(lengths))
-            padded = batch > 1 and len(set(lengths)) > 1
+            sequences_per_micro_batch = len(lengths) // (steps * accum)
+            padded = sequences_per_micro_batch > 1 and len(set(lengths)) > 1
 
         times: list[float] = []
 
@@ -276,7 +303,7 @@ def measure(
                 times.append(time.perf_counter() - self.t)
 
         # as tunesmith.train builds it (regularisers' loss terms are not in the bill)
-        trainer = build_trainer(cfg, prepared, Path(out), [SimpleNamespace(**d) for d in data], callbacks=[Timer()])
+        trainer = build_trainer(cfg, prepared, Path(out), data, callbacks=[Timer()])
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -300,9 +327,11 @@ def measure(
     s.padded = padded
     s.layout = "padding_free" if config.train.padding_free else "padded"
     s.fused_lora = config.train.fused_lora
-    s.loss = SELECTIVE_LOSS if trainer.selective_loss else FULL_LOSS
+    s.loss = SELECTIVE_LOSS if trainer.selective_loss or preference else FULL_LOSS
+    s.objective = cfg.train.objective
     if examples is not None:
-        sup = sum(sum(1 for l in d["labels"][1:] if l != -100) for d in data) / len(data)
+        seqs = sequences_of(data)
+        sup = sum(sum(1 for l in x.labels[1:] if l != IGNORE_INDEX) for x in seqs) / len(seqs)
         s.supervised_share = min(1.0, max(sup, 1.0) / max(1, seq_len - 1))
     bill = compute_bill(config.model, config.method, s)
     steady = times[1:] or times
@@ -320,10 +349,11 @@ def measure(
         measured=measured,
         how=how,
         seconds_per_step=sec,
-        tokens_per_second=(seq_len * batch * accum / sec) if sec == sec and sec > 0 else 0.0,
+        tokens_per_second=(s.tokens * accum / sec) if sec == sec and sec > 0 else 0.0,
         bill=bill,
         padded=padded,
         notes=notes,
+        objective=s.objective,
     )
 
 
@@ -336,8 +366,9 @@ def dry_run(config: RunConfig, *, steps: int = 2, live_memory: bool = True) -> d
     t = config.train
     accum = min(t.grad_accum, 2)
     need = steps * t.batch_size * accum
-    longest = sorted(data.train, key=lambda ex: len(ex.input_ids), reverse=True)[:need]
-    examples = [{"input_ids": ex.input_ids, "labels": ex.labels} for ex in longest]
+    longest = sorted(data.train, key=lambda ex: len(ex.input_ids), reverse=True)[:need]  # a pair: both replies
+    examples = [ex if isinstance(ex, PreferenceExample) else {"input_ids": ex.input_ids, "labels": ex.labels}
+                for ex in longest]
     result = measure(config, batch=t.batch_size, grad_accum=t.grad_accum, steps=steps, examples=examples,
                      live_memory=live_memory)
     return {"data": stats, "measurement": result}

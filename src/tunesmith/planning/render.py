@@ -5,6 +5,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ..objectives import DEFAULT_OBJECTIVE
 from ..sizes import fmt_bytes
 from .bill import Bill
 
@@ -14,6 +15,7 @@ def print_bill(console: Console, bill: Bill, explain: bool = False) -> None:
     title = (f"{bill.model}: {bill.method}, {bill.total_params:,} parameters; micro batch {s['batch']} x "
              f"{s['seq_len']} tokens, grad_accum {s['grad_accum']}, {s['precision']}"
              + (", checkpointing" if s["checkpointing"] else "")
+             + (f", objective {s['objective']} (pairs of two sequences)" if s.get("objective") != DEFAULT_OBJECTIVE else "")
              + (f", {s['devices']} devices ZeRO-{s['zero']}" if s["devices"] > 1 else "")
              + f", {s['device']}")
     table = Table(title=escape(title), title_justify="left", show_lines=True)
@@ -59,7 +61,8 @@ def print_recommendation(console: Console, rec) -> None:
 def print_measurement(console: Console, m) -> None:
     table = Table("model", "method", "tokens", "predicted", "measured", "error", "s/step", "how",
                   title="predicted vs measured peak memory", title_justify="left")
-    table.add_row(m.model, m.method, f"{m.batch} x {m.seq_len}", fmt_bytes(m.predicted), fmt_bytes(m.measured),
+    method = m.method if m.objective == DEFAULT_OBJECTIVE else f"{m.method} {m.objective} (pairs)"
+    table.add_row(m.model, method, f"{m.batch} x {m.seq_len}", fmt_bytes(m.predicted), fmt_bytes(m.measured),
                   f"{m.error:+.1%}", f"{m.seconds_per_step:.2f}", m.how)
     console.print(table)
     for note in m.notes:

@@ -6,6 +6,7 @@ from typing import Optional
 
 from ..errors import TunesmithError
 from ..methods import METHODS
+from ..objectives import DEFAULT_OBJECTIVE, OBJECTIVES
 
 PRECISIONS = ("fp32", "amp", "bf16", "pure-bf16")
 # AdamW in fp32 or 8-bit, and each optimizer a method brings with it (GaLore's)
@@ -23,6 +24,10 @@ REGIME_TEXT = {
     "pure-bf16": "bf16 weights, gradients and AdamW moments, no master copy",
 }
 CHUNK_TOKENS = 1024
+# How a preference run gets its reference log-probs (training/preference.py): the adapter-disabled model, or
+# (weights that train) each pair scored once before training; a frozen copy of the model is the alternative
+# the bill prices beside it.
+REFERENCE_ADAPTER, REFERENCE_PRECOMPUTED, REFERENCE_COPY = "adapter disabled", "precomputed", "frozen copy"
 
 
 def train_regime(bf16: bool, method: str) -> str:
@@ -53,6 +58,8 @@ class Setup:
     device: str = "cpu"  # cpu | cuda: dropout masks, runtime overhead
     fused_lora: bool = True  # train.fused_lora: LoRA branches keep x, a 1-byte mask and A x (methods/fused_lora.py)
     packed_attention: bool = True  # padding-free rows: one causal sdpa call per example, no mask (train/attention.py)
+    # train.objective: a preference objective makes every example a pair, chosen + rejected, each seq_len long
+    objective: str = DEFAULT_OBJECTIVE
 
     def validate(self) -> "Setup":
         def bad(msg: str):
@@ -62,6 +69,8 @@ class Setup:
             bad(f"precision '{self.precision}': use one of {', '.join(PRECISIONS)}")
         if self.optimizer not in OPTIMIZERS:
             bad(f"optimizer '{self.optimizer}': use one of {', '.join(OPTIMIZERS)}")
+        if self.objective not in OBJECTIVES:
+            bad(f"objective '{self.objective}': use one of {', '.join(OBJECTIVES)}")
         if self.loss not in LOSSES:
             bad(f"loss '{self.loss}': use selective or full")
         if self.layout not in LAYOUTS:
@@ -78,25 +87,39 @@ class Setup:
         return self
 
     @property
+    def preference(self) -> bool:
+        return OBJECTIVES[self.objective].preference
+
+    @property
+    def needs_reference(self) -> bool:
+        return OBJECTIVES[self.objective].needs_reference
+
+    @property
+    def sequences(self) -> int:
+        """Sequences in the micro batch: a preference pair is two (chosen and rejected, one forward pass)."""
+        return self.batch * (2 if self.preference else 1)
+
+    @property
     def tokens(self) -> int:
-        return self.seq_len * self.batch
+        return self.seq_len * self.sequences
 
     @property
     def is_padded(self) -> bool:
-        """Does attention get a mask? Padded rows of different lengths, or several examples in one row."""
+        """Does attention get a mask? Padded rows of different lengths, or several sequences in one row."""
         if self.layout == "padding_free":
-            return self.batch > 1
-        return self.batch > 1 if self.padded is None else self.padded
+            return self.sequences > 1
+        return self.sequences > 1 if self.padded is None else self.padded
 
     @property
     def rows(self) -> tuple[int, int]:
         """(rows, row length) of the micro batch as the model sees it."""
-        return (1, self.tokens) if self.layout == "padding_free" else (self.batch, self.seq_len)
+        return (1, self.tokens) if self.layout == "padding_free" else (self.sequences, self.seq_len)
 
     @property
     def supervised(self) -> int:
-        """Next-token targets that carry loss (each example's first token predicts nothing)."""
-        return max(1, int(self.batch * (self.seq_len - 1) * self.supervised_share))
+        """Next-token targets that carry loss (each sequence's first token predicts nothing); for preference
+        objectives the completion positions whose log-probs reach the lm_head."""
+        return max(1, int(self.sequences * (self.seq_len - 1) * self.supervised_share))
 
     def shards(self, stage: int) -> bool:
         """Does ZeRO stage `stage` split this state across devices? Only from that stage on, and only

@@ -58,8 +58,8 @@ class _ChunkedTokenLogProbs(torch.autograd.Function):
             h = hidden[start : start + ctx.chunk_rows]
             t = targets[start : start + ctx.chunk_rows]
             g = grad_out[start : start + ctx.chunk_rows].float()
-            # d logp[t] / d logits = onehot(t) - softmax(logits)
-            grad_logits = -torch.softmax((h @ w.T).float(), dim=-1)
+            # d logp[t] / d logits = onehot(t) - softmax(logits), built in place: one (chunk x vocabulary) buffer
+            grad_logits = torch.softmax((h @ w.T).float(), dim=-1).neg_()
             grad_logits[torch.arange(t.shape[0], device=t.device), t] += 1.0
             grad_logits *= g[:, None]
             if needs_h:
@@ -176,9 +176,11 @@ class PreferenceTrainer(MethodTrainer):
         return sums.view(-1, 2)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # The reference pass first: its temporaries are gone before the policy's forward saves its activations
+        # (planning prices the two moments apart).
+        ref = self.reference_logps(model, inputs) if self.objective.needs_reference else None
         sums, counts = self.sequence_logps(model, inputs)
         pairs, tokens = sums.view(-1, 2), counts.view(-1, 2)
-        ref = self.reference_logps(model, inputs) if self.objective.needs_reference else None
         logps = PairLogps(pairs[:, 0], pairs[:, 1], tokens[:, 0], tokens[:, 1],
                           ref[:, 0] if ref is not None else None, ref[:, 1] if ref is not None else None)
         out = self.objective.loss(logps, self.options)
@@ -257,8 +259,8 @@ def build_preference_trainer(config: RunConfig, prepared, args, train_examples: 
     A run whose reference cannot be the adapter-disabled model scores every pair with the model as loaded,
     now, before any step."""
     if not all(isinstance(ex, PreferenceExample) for ex in train_examples):
-        raise TunesmithError(f"train.objective={config.train.objective}: memory and time measurement (--dry-run, plan "
-                             "--measure) of preference runs is not built yet; measure with train.objective: sft")
+        raise TunesmithError(f"train.objective={config.train.objective} trains on preference pairs (prompt, chosen, "
+                             "rejected), and these examples are conversations: give pairs or use train.objective: sft")
     check_preference_model(config, prepared.model)
     entry = get_objective(config.train.objective)
     reference = reference_mode(config, prepared)

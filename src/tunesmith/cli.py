@@ -519,6 +519,18 @@ def merge_cmd(
     overwrite: bool = typer.Option(False, help="Replace a non-empty --out folder."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a spec key, e.g. --set lambda=0.8 or "
                                              "--set models.1.weight=0.5 (repeatable)."),
+    search: bool = typer.Option(False, "--search", help="Try a grid of methods and parameters on the spec's models "
+                                "(the spec's own method and parameters are replaced) and write the one that best "
+                                "keeps every --eval task."),
+    eval_: Optional[List[str]] = typer.Option(None, "--eval", help="With --search: a task recipe whose eval set and "
+                                              "scorer the merge must keep (repeatable, one per task)."),
+    grid: Optional[List[str]] = typer.Option(None, "--grid", help="With --search: replace the default values of a "
+                                             "key, e.g. --grid method=ties,linear --grid density=0.3,0.5 --grid "
+                                             "weights=1:1,1:0.5 (repeatable)."),
+    val_rows: int = typer.Option(20, "--val-rows", help="With --search: eval rows per task that choose the merge; "
+                                 "the rest report it."),
+    goal: float = typer.Option(0.9, "--goal", help="With --search: the share of each task's best single-model score "
+                               "a merge should keep; below it, the per-layer diagnosis is written."),
 ):
     """Merge models and adapters (linear, slerp, task_arithmetic, ties, dare_linear, dare_ties) into one folder."""
     import time
@@ -526,10 +538,105 @@ def merge_cmd(
     from .merging.run import merge as run_merge
     from .merging.spec import load_merge_spec
 
+    _check_options((bool(eval_) and not search, "--eval scores candidate merges: add --search"),
+                   (search and not eval_, "--search needs at least one --eval TASK.yaml: the tasks the merge must keep"))
     start = time.perf_counter()
+    if search:
+        return _merge_search(spec, set_ or [], eval_, grid or [], out_dir, overwrite, val_rows, goal)
     path = _run(lambda: run_merge(load_merge_spec(spec, set_ or []), out_dir, overwrite=overwrite, spec_file=spec))
     out.print(f"merged into {path} in {time.perf_counter() - start:.1f} s; load it with "
               f"AutoModelForCausalLM.from_pretrained('{Path(path)}')", highlight=False, soft_wrap=True)
+
+
+def _merge_search(spec: str, overrides: List[str], tasks: List[str], grid: List[str], out_dir: str, overwrite: bool,
+                  val_rows: int, goal: float) -> None:
+    from .merging.search import SEARCH_MD, explain, parse_grid, search, verdict
+    from .merging.spec import load_merge_spec
+
+    def row(r: dict) -> None:
+        scores = "  ".join(f"{task} {score:.0%}" for task, score in r["scores"].items())
+        out.print(f"  {r['candidate']:40s} {scores}  worst {r['worst']:.0%}", highlight=False, soft_wrap=True)
+
+    def go():
+        merge_spec = load_merge_spec(spec, overrides)
+        n_models = len([e for e in merge_spec.models if e.model != merge_spec.base_model])
+        return search(merge_spec, tasks, out_dir, grid=parse_grid(grid, n_models), val_rows=val_rows, goal=goal,
+                      overwrite=overwrite, spec_file=spec, on_row=row, progress=False)
+
+    result = _run(go)
+    out.print(verdict(result), highlight=False, soft_wrap=True)
+    for task, h in result.held_out.items():
+        out.print(f"  held out {task}: {h['score']:.0%} merged, {h['alone']:.0%} alone ({h['examples']} rows)",
+                  highlight=False, soft_wrap=True)
+    for line in explain(result.diagnosis):
+        out.print(f"  {line}", highlight=False, soft_wrap=True)
+    out.print(f"merged into {result.out}; every candidate in {Path(result.out) / SEARCH_MD}", highlight=False,
+              soft_wrap=True)
+
+
+# ---- sweep ------------------------------------------------------------------------------------
+@app.command()
+def sweep(
+    recipe: str,
+    grid: Optional[List[str]] = typer.Option(None, "--grid", help="KEY=V1,V2,...: values of one config key, typed like --set "
+                                   "(repeatable; every combination is one run)."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Which run is best: score, eval_loss, train_loss, "
+                                         "perplexity, general_change, general_perplexity, train_seconds (default: the "
+                                         "task score when the recipe has eval data, else eval_loss)."),
+    forgetting: bool = typer.Option(False, "--forgetting", help="Also run `eval --forgetting` on each run and plot "
+                                    "task score vs general-perplexity change (pareto.html)."),
+    out_dir: Optional[str] = typer.Option(None, "--out", help="The sweep folder (default: the recipe's output_dir + "
+                                          "-sweep); rerunning the same command there continues it."),
+    parallel: int = typer.Option(1, "--parallel", help="Runs trained at once, each in its own process (for GPU "
+                                 "machines; GPUs are shared out round-robin)."),
+    search: str = typer.Option("grid", "--search", help="grid (every combination) or optuna (--trials of them, "
+                               "picked by Optuna's TPE; needs `pip install 'tunesmith[sweep]'`)."),
+    trials: Optional[int] = typer.Option(None, "--trials", help="--search optuna: how many runs to train."),
+    set_: Optional[List[str]] = SetOption,
+    as_json: bool = JsonOption,
+):
+    """Train the recipe once per combination of the --grid values; writes OUT/runs/*, sweep.jsonl, sweep.md (the
+    best run named) and, with --forgetting, pareto.html. Rerunning skips the finished runs."""
+    from .sweep import plan_sweep, run_sweep
+    from .sweep.results import TABLE_FILE
+    from .sweep.search import check_search, search_sweep
+    from .training.interrupt import TrainingInterrupted
+
+    _check_options(
+        (search not in ("grid", "optuna"), f"--search {search}: choose grid or optuna"),
+        (search == "optuna" and trials is None, "--search optuna needs --trials N (how many runs to train)"),
+        (search == "grid" and trials is not None, "--trials applies to --search optuna; drop it to train the whole grid"),
+    )
+
+    def report(row: dict, finished: int, total: int) -> None:
+        numbers = ", ".join(f"{k} {v}" for k, v in row["metrics"].items())
+        err.print(f"[{finished}/{total}] {row['run']}: {numbers}", markup=False, highlight=False, soft_wrap=True)
+
+    def go():
+        plan = plan_sweep(recipe, grid or [], overrides=set_ or [], metric=metric, forgetting=forgetting, out=out_dir,
+                          parallel=parallel, progress=not as_json)
+        if search == "optuna":
+            check_search(plan, trials)
+            return search_sweep(plan, trials, on_run=report)
+        return run_sweep(plan, on_run=report)
+
+    try:
+        result = _run(go)
+    except TrainingInterrupted as stop:
+        err.print(f"sweep {stop}; rerun the same command to continue: finished runs are kept, the stopped one is "
+                  "trained again", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(stop.exit_code)
+    m, best = result.metric, result.best
+    if as_json:
+        return _print_json({"out": str(result.out), "metric": m.name, "higher_is_better": m.higher_is_better,
+                            "best": best, "runs": result.rows, "trained": result.trained})
+    out.print(f"{len(result.rows)} runs finished ({result.trained} trained now); table {result.out / TABLE_FILE}",
+              highlight=False)
+    if best is None:
+        out.print(f"no run has {m.name} ({m.label})", highlight=False)
+    else:
+        out.print(f"best by {m.name} ({m.direction}): {best['run']} ({m.name} {best['metrics'][m.name]})",
+                  highlight=False)
 
 
 # ---- plan -------------------------------------------------------------------------------------
@@ -613,6 +720,8 @@ def plan(
     loss: str = typer.Option("selective", help="selective (tunesmith's chunked loss, the default) or full "
                              "(transformers' loss: tokens x vocab logits)."),
     multi_task: bool = typer.Option(False, "--multi-task", help="Recommender: several tasks (LoRA with a higher rank)."),
+    objective: str = typer.Option("sft", help="train.objective: sft, or dpo, orpo, simpo (then --batch counts "
+                                  "pairs and --seq-len is one reply's sequence; dpo adds its reference pass)."),
     measure: bool = typer.Option(False, "--measure", help="Also run 2 real steps here and print predicted vs measured."),
     explain: bool = typer.Option(False, "--explain", help="One sentence per line on why it costs what it costs."),
     as_json: bool = JsonOption,
@@ -633,7 +742,7 @@ def plan(
     bill = _run(lambda: make_plan(model, method or registry.DEFAULT_METHOD, rank=rank, targets=target_list, seq_len=seq_len,
                                   batch=batch, grad_accum=grad_accum, precision=precision, checkpointing=checkpointing,
                                   optimizer=optimizer, devices=devices, zero=zero, device=device, loss=loss,
-                                  budget=budget))
+                                  objective=objective, budget=budget))
     result = {"bill": bill.as_dict()}
     if not as_json:
         print_bill(out, bill, explain=explain)
@@ -646,7 +755,8 @@ def plan(
         def go():
             section = method_config(method or registry.DEFAULT_METHOD, rank, target_list)
             cfg = load_config({"model": model, "data": {"train": "(synthetic)"}, "method": section.model_dump(),
-                               "train": {"gradient_checkpointing": checkpointing, "selective_loss": loss != FULL_LOSS}})
+                               "train": {"gradient_checkpointing": checkpointing, "selective_loss": loss != FULL_LOSS,
+                                         "objective": objective}})
             return run_measure(cfg, seq_len=seq_len, batch=batch, grad_accum=grad_accum)
 
         m = _run(go)

@@ -3,6 +3,7 @@
     python bench/preference_experiment.py                          # the README table (built-in SmolLM2-135M)
     python bench/preference_experiment.py --task refusal           # the refusal task's table
     python bench/preference_experiment.py --steps 2 --limit 4      # a smoke run
+    python bench/preference_experiment.py --task refusal --arms sft+dpo sft+simpo   # SFT, then preference tuning
 
 --task concise (the default) is tunesmith.demo.concise (recipes/data/concise-pref-*.jsonl, recipes/dpo.yaml):
 short questions whose chosen answer is a few words and whose rejected answer is the same answer in a chatty
@@ -14,7 +15,9 @@ rate on the forbidden prompts and the answer and refusal rates on the allowed on
 From the task's recipe (LoRA, same data, steps, batch and learning rate for every arm) it trains SFT on the
 chosen answers, DPO, ORPO and SimPO, then scores the base and each run on the held-out prompts with greedy
 generation, and measures general perplexity on the held-out general corpus (the `eval --forgetting` measure)
-with its change from the base. results.json in --out keeps every number and each arm's replies.
+with its change from the base. The sft+dpo and sft+simpo arms tune from the SFT arm's run (merged into the base,
+so it is the DPO reference) at --follow-up-lr, reusing that run when --out holds it. results.json in --out keeps
+every number and each arm's replies; a later run with the same settings keeps its rows and its base.
 """
 from __future__ import annotations
 
@@ -27,6 +30,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ARMS = ["sft", "dpo", "orpo", "simpo"]
+# The standard pipeline: SFT first, then preference tuning from the SFT model with it as the reference. The SFT
+# arm's adapter is merged into the base (continual.strategy merge), so the new adapter's disabled state is SFT.
+FOLLOW_UPS = {"sft+dpo": "dpo", "sft+simpo": "simpo"}
 # Each objective's own scale (config.PreferenceConfig's defaults): DPO and ORPO 0.1, SimPO 2.0 with margin 0.5.
 PREFERENCE_SETS = {"dpo": ["preference.beta=0.1"], "orpo": ["preference.beta=0.1"],
                    "simpo": ["preference.beta=2.0", "preference.gamma=0.5"]}
@@ -44,7 +50,26 @@ def arm_overrides(arm: str, args, out: Path, sft_data: Path) -> list[str]:
         sets.append(f"train.lr={args.lr}")
     if arm == "sft":
         return sets + ["train.objective=sft", f"data.train={sft_data}", "preference.beta=null"]
+    if arm in FOLLOW_UPS:
+        objective = FOLLOW_UPS[arm]
+        return sets + [f"train.objective={objective}", *PREFERENCE_SETS[objective], f"train.lr={args.follow_up_lr}",
+                       f"continual.previous=[{(out / 'sft').resolve()}]", "continual.strategy=merge"]
     return sets + [f"train.objective={arm}", *PREFERENCE_SETS[arm]]
+
+
+def needs_sft_first(arms: list[str], out: Path) -> bool:
+    """A follow-up arm builds on the SFT arm's run: reuse a finished one in `out`, else train it first."""
+    return any(a in FOLLOW_UPS for a in arms) and "sft" not in arms and not (out / "sft" / "adapter_model.safetensors").exists()
+
+
+def earlier_results(out: Path, args) -> dict:
+    """results.json of an earlier run with the same settings (its rows stay in the table; its base is reused)."""
+    path = out / "results.json"
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    same = ("task", "model", "steps", "batch_size", "lr", "limit", "max_new_tokens", "ppl_tokens")
+    return earlier["results"] if all(earlier["args"].get(k) == getattr(args, k) for k in same) else {}
 
 
 def concise_measures(replies: list[str], held_out: list[dict]) -> dict:
@@ -112,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=100, help="Held-out prompts scored.")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--ppl-tokens", type=int, default=8192, help="General-corpus tokens for perplexity.")
-    parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    parser.add_argument("--arms", nargs="+", default=ARMS, choices=[*ARMS, *FOLLOW_UPS],
+                        help="sft+dpo / sft+simpo: preference tuning from the SFT arm's run (reused when already in --out).")
+    parser.add_argument("--follow-up-lr", type=float, default=1e-4,
+                        help="Learning rate of the sft+ arms (the second stage starts from a tuned model).")
     parser.add_argument("--out", default=None, help="Runs and results.json go here (default: "
                         "runs/preference-experiment, with -refusal appended for --task refusal).")
     args = parser.parse_args(argv)
@@ -133,22 +161,27 @@ def main(argv: list[str] | None = None) -> int:
     sft_data = out / "sft-chosen.jsonl"
     sft_data.write_text("".join(json.dumps(r) + "\n" for r in sft_rows(train_pairs)), encoding="utf-8")
 
+    results = earlier_results(out, args)
     base = load_for_inference(args.model)
     blocks = general_blocks(base.tokenizer, max_tokens=args.ppl_tokens)
-    results = {"base": score_model(base.model, base.tokenizer, held_out, blocks, args)}
+    if "base" not in results:
+        results = {"base": score_model(base.model, base.tokenizer, held_out, blocks, args), **results}
     del base
     print(f"base: {brief(results['base'], args.task)}", flush=True)
-    for arm in args.arms:
+    arms = ["sft", *args.arms] if needs_sft_first(args.arms, out) else args.arms
+    for arm in arms:
         config = load_config(REPO / "recipes" / task["recipe"], arm_overrides(arm, args, out, sft_data))
         start = time.perf_counter()
         run = train(config, progress=False, overwrite=True)
         took = time.perf_counter() - start
         loaded = load_for_inference(str(run.output_dir))
-        results[arm] = {**score_model(loaded.model, loaded.tokenizer, held_out, blocks, args), "train_s": took}
+        results[arm] = {**score_model(loaded.model, loaded.tokenizer, held_out, blocks, args), "train_s": took,
+                        "lr": config.train.lr}
         del loaded
         print(f"{arm}: {brief(results[arm], args.task)} ({took:.0f} s training)", flush=True)
 
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=2), encoding="utf-8")
+    label = {**vars(args), "arms": list(results)[1:]}
+    (out / "results.json").write_text(json.dumps({"args": label, "results": results}, indent=2), encoding="utf-8")
     print(table(results, args.task))
     return 0
 

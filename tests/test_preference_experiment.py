@@ -37,3 +37,37 @@ def test_every_arm_trains_and_is_scored_on_the_tiny_model(tmp_path, tiny_model_d
     for r in results.values():
         assert 0.0 <= r["concise_rate"] <= 1.0 and r["perplexity"] > 1 and len(r["replies"]) == 2
     assert capsys.readouterr().out.count("\n| ") == 6  # header rule and five models
+
+
+def test_follow_up_arms_train_from_the_merged_sft_run(tmp_path):
+    import argparse
+
+    bench = load_bench()
+    args = argparse.Namespace(model="m", steps=3, batch_size=2, lr=5e-4, follow_up_lr=1e-4)
+    sets = bench.arm_overrides("sft+dpo", args, tmp_path, tmp_path / "sft-chosen.jsonl")
+    assert "train.objective=dpo" in sets and "continual.strategy=merge" in sets
+    assert f"continual.previous=[{(tmp_path / 'sft').resolve()}]" in sets
+    assert [s for s in sets if s.startswith("train.lr=")][-1] == "train.lr=0.0001"  # the last --set wins
+    assert "preference.gamma=0.5" in bench.arm_overrides("sft+simpo", args, tmp_path, tmp_path / "x.jsonl")
+
+
+def test_follow_up_arms_reuse_a_trained_sft_run(tmp_path):
+    bench = load_bench()
+    assert bench.needs_sft_first(["sft+dpo"], tmp_path)
+    assert not bench.needs_sft_first(["dpo"], tmp_path) and not bench.needs_sft_first(["sft", "sft+dpo"], tmp_path)
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "adapter_model.safetensors").write_bytes(b"")
+    assert not bench.needs_sft_first(["sft+simpo"], tmp_path)
+
+
+def test_earlier_results_kept_only_for_the_same_settings(tmp_path):
+    import argparse
+
+    bench = load_bench()
+    settings = {"task": "refusal", "model": "m", "steps": 30, "batch_size": 8, "lr": None, "limit": 100,
+                "max_new_tokens": 48, "ppl_tokens": 8192}
+    assert bench.earlier_results(tmp_path, argparse.Namespace(**settings)) == {}
+    (tmp_path / "results.json").write_text(json.dumps({"args": {**settings, "arms": ["sft"]},
+                                                       "results": {"base": {"perplexity": 2.0}}}))
+    assert bench.earlier_results(tmp_path, argparse.Namespace(**settings)) == {"base": {"perplexity": 2.0}}
+    assert bench.earlier_results(tmp_path, argparse.Namespace(**{**settings, "steps": 2})) == {}

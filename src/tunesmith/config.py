@@ -221,8 +221,8 @@ class TrainConfig(_Section):
         True, description="Put a micro batch in one row without padding; attention stays inside each example."
     )
     fused_lora: bool = Field(
-        True, description="Run LoRA branches as one autograd step that keeps no dropped-out copies of the input "
-        "(same math and adapter as PEFT, less memory); false uses PEFT's own forward."
+        True, description="Run LoRA and DoRA branches as one autograd step that keeps no dropped-out copies of the "
+        "input and, for DoRA, no W0 + sBA (same math and adapter as PEFT, less memory); false uses PEFT's own forward."
     )
     num_threads: int = Field(
         0, ge=0, description="CPU threads for torch's math; 0 keeps torch's default of one per core. On a shared "
@@ -416,7 +416,10 @@ class RunConfig(_Section):
                 ("regularize.replay", self.regularize.replay is not None),
                 ("regularize.distill", self.regularize.distill is not None),
                 ("regularize.ewc", self.regularize.ewc is not None),
-                ("continual.previous", bool(self.continual.previous)),
+                # merge folds the earlier adapters into the base, so the adapter-disabled reference is the earlier
+                # run's model (SFT, then DPO against it); other strategies' earlier adapters would leave the reference
+                ("continual.previous with a strategy other than merge",
+                 bool(self.continual.previous) and self.continual.strategy != "merge"),
                 ("train.neftune_alpha", self.train.neftune_alpha is not None),
             ) if used]
             if unsupported:

@@ -1,6 +1,7 @@
 """Helpers shared by tests: tiny random models and data files."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -85,3 +86,29 @@ def keep_mask(x, p: float):
 
     bits, keep = keep_bits(x, p)
     return bits != 0, keep
+
+
+def peft_model_with_random_b(tiny_model_dir, dropout: float, use_dora: bool = False):
+    """The tiny model under PEFT LoRA (or DoRA) on every linear, B drawn non-zero so every gradient is exercised."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", use_dora=use_dora,
+                        init_lora_weights="gaussian", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    return peft_model
+
+
+def tree(*roots: Path) -> dict[str, str]:
+    """sha256 of every file and a marker for every folder (hidden ones too) under `roots`."""
+    found = {}
+    for root in roots:
+        for p in sorted(root.rglob("*")):
+            found[str(p)] = "folder" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return found

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import keep_mask
+from helpers import keep_mask, peft_model_with_random_b
 from tunesmith.methods.fused_dora import dora_weight_norm, row_norms_squared
 from tunesmith.methods.fused_lora import use_fused_lora
 
@@ -140,26 +140,11 @@ def test_fused_forward_and_backward_build_no_weight_sized_tensor():
     assert not {(7, 12), (12, 7), (12, 12)} & seen.shapes
 
 
-def _peft_model(tiny_model_dir, dropout: float):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", use_dora=True,
-                        init_lora_weights="gaussian", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
-    for n, p in peft_model.named_parameters():  # non-zero B so every gradient is exercised
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.1)
-    return peft_model
-
-
 def test_fused_dora_model_equals_peft(tiny_model_dir):
     ids = torch.randint(0, 1000, (2, 9))
     results = []
     for fused in (False, True):
-        model = _peft_model(tiny_model_dir, dropout=0.0).train()
+        model = peft_model_with_random_b(tiny_model_dir, 0.0, use_dora=True).train()
         handle = use_fused_lora(model) if fused else None
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -234,7 +219,7 @@ def test_fused_dora_keeps_what_fused_lora_keeps_plus_one_output_wide_tensor(tiny
     from transformers import AutoModelForCausalLM
 
     ids = torch.randint(0, 1000, (4, 64))
-    dora = _peft_model(tiny_model_dir, dropout=dropout).train()
+    dora = peft_model_with_random_b(tiny_model_dir, dropout, use_dora=True).train()
     peft_bytes = _saved_bytes(dora, ids)
     use_fused_lora(dora)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
@@ -251,7 +236,7 @@ def test_fused_dora_keeps_what_fused_lora_keeps_plus_one_output_wide_tensor(tiny
 def test_no_grad_runs_peft_forward_and_the_handle_gives_it_back(tiny_model_dir):
     from peft.tuners.lora.layer import Linear
 
-    model = _peft_model(tiny_model_dir, dropout=0.1)
+    model = peft_model_with_random_b(tiny_model_dir, 0.1, use_dora=True)
     keys = set(model.state_dict())
     ids = torch.randint(0, 1000, (1, 6))
     model.eval()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import keep_mask
+from helpers import keep_mask, peft_model_with_random_b
 from tunesmith.methods.fused_lora import apply_keep_bits, keep_bits, lora_branch, use_fused_lora
 
 
@@ -107,26 +107,11 @@ def test_branch_under_bf16_autocast_equals_autocast_autograd():
         torch.testing.assert_close(mine, theirs, rtol=2e-2, atol=2e-2)
 
 
-def _peft_model(tiny_model_dir, dropout: float):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
-                        init_lora_weights="gaussian", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
-    for n, p in peft_model.named_parameters():  # non-zero B so every gradient is exercised
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.1)
-    return peft_model
-
-
 def test_fused_peft_model_equals_peft(tiny_model_dir):
     ids = torch.randint(0, 1000, (2, 9))
     results = []
     for fused in (False, True):
-        model = _peft_model(tiny_model_dir, dropout=0.0)
+        model = peft_model_with_random_b(tiny_model_dir, 0.0)
         layers = use_fused_lora(model).layers if fused else 0
         model.train()
         loss = model(input_ids=ids, labels=ids).loss
@@ -142,7 +127,7 @@ def test_fused_peft_model_equals_peft(tiny_model_dir):
 
 
 def test_no_grad_runs_peft_forward_and_state_dict_is_unchanged(tiny_model_dir):
-    model = _peft_model(tiny_model_dir, dropout=0.1)
+    model = peft_model_with_random_b(tiny_model_dir, 0.1)
     keys = set(model.state_dict())
     ids = torch.randint(0, 1000, (1, 6))
     model.eval()
@@ -171,8 +156,8 @@ def _saved_bytes(model, ids) -> int:
 
 def test_fused_branch_keeps_fewer_activations_with_dropout(tiny_model_dir):
     ids = torch.randint(0, 1000, (4, 64))
-    peft_model = _peft_model(tiny_model_dir, dropout=0.1).train()
-    fused = _peft_model(tiny_model_dir, dropout=0.1).train()
+    peft_model = peft_model_with_random_b(tiny_model_dir, 0.1).train()
+    fused = peft_model_with_random_b(tiny_model_dir, 0.1).train()
     use_fused_lora(fused)
     peft_bytes, fused_bytes = _saved_bytes(peft_model, ids), _saved_bytes(fused, ids)
     assert fused_bytes < 0.8 * peft_bytes, (fused_bytes, peft_bytes)
@@ -190,7 +175,7 @@ def test_leaving_the_context_gives_back_pefts_own_forward(tiny_model_dir):
     from peft.tuners.lora.layer import Linear
 
     ids = torch.randint(0, 1000, (2, 9))
-    model = _peft_model(tiny_model_dir, dropout=0.1).train()
+    model = peft_model_with_random_b(tiny_model_dir, 0.1).train()
     with use_fused_lora(model) as fused:
         assert fused.layers == 2 * 7
         assert all("forward" in layer.__dict__ for layer in _lora_layers(model))
@@ -198,7 +183,7 @@ def test_leaving_the_context_gives_back_pefts_own_forward(tiny_model_dir):
     for layer in _lora_layers(model):
         assert "forward" not in layer.__dict__
         assert type(layer).forward is Linear.forward and layer.forward.__func__ is Linear.forward
-    never_fused = _peft_model(tiny_model_dir, dropout=0.1).train()
+    never_fused = peft_model_with_random_b(tiny_model_dir, 0.1).train()
     torch.manual_seed(3)
     after = model(input_ids=ids).logits
     torch.manual_seed(3)
@@ -209,7 +194,7 @@ def test_leaving_the_context_gives_back_pefts_own_forward(tiny_model_dir):
 def test_lora_bias_is_refused_before_any_layer_is_swapped(tiny_model_dir):
     from tunesmith.errors import TunesmithError
 
-    model = _peft_model(tiny_model_dir, dropout=0.0)
+    model = peft_model_with_random_b(tiny_model_dir, 0.0)
     _lora_layers(model)[-1].lora_bias["default"] = True  # one layer with a bias, found after the others
     with pytest.raises(TunesmithError, match="does not support LoRA bias"):
         use_fused_lora(model)

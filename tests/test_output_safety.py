@@ -5,7 +5,6 @@ or failed command must leave it byte-identical, with no temporary, partial or em
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -20,18 +19,9 @@ from tunesmith.merging import run as merge_module
 from tunesmith.training import run as train_module
 from tunesmith.training.run import train
 
-from helpers import write_jsonl
+from helpers import tree, write_jsonl
 
 TRAIN_FIX = "write to a folder that holds no inputs, such as runs/my-run"
-
-
-def tree(*roots: Path) -> dict[str, str]:
-    """sha256 of every file and a marker for every folder (hidden ones too) under `roots`."""
-    found = {}
-    for root in roots:
-        for p in sorted(root.rglob("*")):
-            found[str(p)] = "folder" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-    return found
 
 
 def invoke(*args) -> object:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import fails, invoke, ok
+from helpers import fails, invoke, ok, tree
 from tunesmith.errors import TunesmithError
 from tunesmith.sweep import plan_sweep, run_sweep
 from tunesmith.sweep.grid import expand, parse_grid, run_name
@@ -21,15 +21,6 @@ from tunesmith.sweep.metrics import METRICS, best_row
 from tunesmith.sweep.parallel import device_slots
 from tunesmith.sweep.pareto import pareto_front, pareto_page
 from tunesmith.sweep.results import read_rows
-
-
-def tree(*roots: Path) -> dict[str, str]:
-    """sha256 of every file and a marker for every folder under `roots`."""
-    found = {}
-    for root in roots:
-        for p in sorted(root.rglob("*")):
-            found[str(p)] = "folder" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-    return found
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -112,3 +113,28 @@ def tree(*roots: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*")):
             found[str(p)] = "folder" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
     return found
+
+
+def saved_bytes(model, ids) -> int:
+    """Bytes autograd keeps for backward during one forward of a PEFT model's decoder body (each storage counted
+    once; the lm_head's logits would swamp the comparison)."""
+    import torch
+
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.get_base_model().model(input_ids=ids).last_hidden_state.sum()
+    return sum(storages.values())
+
+
+def load_bench(name: str):
+    """A bench/ script imported as a module (bench/ is not a package)."""
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

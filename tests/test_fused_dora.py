@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import keep_mask, peft_model_with_random_b
+from helpers import keep_mask, peft_model_with_random_b, saved_bytes
 from tunesmith.methods.fused_dora import dora_weight_norm, row_norms_squared
 from tunesmith.methods.fused_lora import use_fused_lora
 
@@ -197,19 +197,6 @@ def test_fused_dora_under_bf16_autocast_equals_peft_under_autocast(base_dtype):
         assert error < 1e-2, (name, error)  # bf16 rounds at 4e-3
 
 
-def _saved_bytes(model, ids) -> int:
-    """Bytes autograd keeps for backward during one forward of the decoder body (each storage counted once)."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.get_base_model().model(input_ids=ids).last_hidden_state.sum()
-    return sum(storages.values())
-
-
 @pytest.mark.parametrize("dropout,share_of_peft", [(0.0, 0.8), (0.1, 0.65)])
 def test_fused_dora_keeps_what_fused_lora_keeps_plus_one_output_wide_tensor(tiny_model_dir, dropout, share_of_peft):
     """Per adapted layer: fused LoRA's saves (x, the mask, the rank-r activation) plus z + s B A u
@@ -220,7 +207,7 @@ def test_fused_dora_keeps_what_fused_lora_keeps_plus_one_output_wide_tensor(tiny
 
     ids = torch.randint(0, 1000, (4, 64))
     dora = peft_model_with_random_b(tiny_model_dir, dropout, use_dora=True).train()
-    peft_bytes = _saved_bytes(dora, ids)
+    peft_bytes = saved_bytes(dora, ids)
     use_fused_lora(dora)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
@@ -229,8 +216,8 @@ def test_fused_dora_keeps_what_fused_lora_keeps_plus_one_output_wide_tensor(tiny
     outs = [m.out_features for m in lora.modules() if isinstance(m, Linear)]
     assert len(outs) == 2 * 7  # the adapted projections
     extra = sum((ids.numel() * d_out + 2 * d_out) * 4 for d_out in outs)
-    assert _saved_bytes(dora, ids) == _saved_bytes(lora, ids) + extra
-    assert _saved_bytes(dora, ids) < share_of_peft * peft_bytes
+    assert saved_bytes(dora, ids) == saved_bytes(lora, ids) + extra
+    assert saved_bytes(dora, ids) < share_of_peft * peft_bytes
 
 
 def test_no_grad_runs_peft_forward_and_the_handle_gives_it_back(tiny_model_dir):

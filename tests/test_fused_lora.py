@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import keep_mask, peft_model_with_random_b
+from helpers import keep_mask, peft_model_with_random_b, saved_bytes
 from tunesmith.methods.fused_lora import apply_keep_bits, keep_bits, lora_branch, use_fused_lora
 
 
@@ -140,26 +140,12 @@ def test_no_grad_runs_peft_forward_and_state_dict_is_unchanged(tiny_model_dir):
     assert set(model.state_dict()) == keys
 
 
-def _saved_bytes(model, ids) -> int:
-    """Bytes autograd keeps for backward during one forward of the decoder body (each storage counted once;
-    the lm_head's logits would swamp the comparison)."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.get_base_model().model(input_ids=ids).last_hidden_state.sum()
-    return sum(storages.values())
-
-
 def test_fused_branch_keeps_fewer_activations_with_dropout(tiny_model_dir):
     ids = torch.randint(0, 1000, (4, 64))
     peft_model = peft_model_with_random_b(tiny_model_dir, 0.1).train()
     fused = peft_model_with_random_b(tiny_model_dir, 0.1).train()
     use_fused_lora(fused)
-    peft_bytes, fused_bytes = _saved_bytes(peft_model, ids), _saved_bytes(fused, ids)
+    peft_bytes, fused_bytes = saved_bytes(peft_model, ids), saved_bytes(fused, ids)
     assert fused_bytes < 0.8 * peft_bytes, (fused_bytes, peft_bytes)
 
 

@@ -3,12 +3,12 @@ whose rejected reply is the wrong behaviour for each class, the two string-rule 
 refusal table."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from helpers import load_bench
 from tunesmith.config import load_config
 from tunesmith.data.assemble import eval_conversations
 from tunesmith.data.loading import Row
@@ -17,14 +17,6 @@ from tunesmith.demo import refusal
 from tunesmith.evaluation.scorers import SCORERS
 
 REPO = Path(__file__).resolve().parent.parent
-BENCH = REPO / "bench" / "preference_experiment.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("preference_experiment", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_generator_is_deterministic_and_disjoint():
@@ -111,7 +103,7 @@ def test_recipe_eval_scores_the_chosen_reply_and_not_the_rejected():
 def test_bench_table_for_the_refusal_task():
     results = {"base": {"refusal_rate": 0.1, "answer_rate": 0.75, "over_refusal": 0.0, "perplexity": 20.0},
                "dpo": {"refusal_rate": 0.95, "answer_rate": 0.5, "over_refusal": 0.25, "perplexity": 21.0, "train_s": 60.4}}
-    assert load_bench().table(results, "refusal").splitlines() == [
+    assert load_bench("preference_experiment").table(results, "refusal").splitlines() == [
         "| model | refuses forbidden | answers allowed | refuses allowed | general perplexity | change | train time |",
         "|---|---|---|---|---|---|---|",
         "| base | 10% | 75% | 0% | 20.00 |  |  |",
@@ -121,14 +113,14 @@ def test_bench_table_for_the_refusal_task():
 
 def test_bench_refuses_an_unknown_task(capsys):
     with pytest.raises(SystemExit):
-        load_bench().main(["--task", "nope"])
+        load_bench("preference_experiment").main(["--task", "nope"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_bench_runs_the_refusal_task_on_the_tiny_model(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "exp"
-    assert load_bench().main(["--task", "refusal", "--model", str(tiny_model_dir), "--arms", "sft", "dpo", "--steps", "1",
+    assert load_bench("preference_experiment").main(["--task", "refusal", "--model", str(tiny_model_dir), "--arms", "sft", "dpo", "--steps", "1",
                               "--batch-size", "2", "--limit", "4", "--max-new-tokens", "4", "--ppl-tokens", "256",
                               "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())["results"]

@@ -9,6 +9,9 @@ position supervised) and reports its peak RSS above the idle process (see tunesm
 how). Each run gets a fresh process so one run's memory never counts in the next. Prints the markdown
 table (predicted, measured, error) and writes the raw numbers as JSON.
 
+The regularizers are checked the same way: `--regularize` (default: distill and ewc) runs lora and full with each,
+at both lengths (EWC's Fisher pass before training is inside the measured window).
+
 Preference objectives are checked the same way: `--preference` (the default: dpo, which adds the reference
 pass) runs lora and full with each pair of two sequences of the first length (chosen + rejected in one row).
 
@@ -41,9 +44,10 @@ quiet_libraries()
 from tunesmith.config import load_config
 from tunesmith.planning.measure import measure
 model, method, seq, live, objective = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "live", sys.argv[5]
+regularize = {sys.argv[6]: {}} if sys.argv[6] != "none" else {}
 opts = {"galore": {"galore_rank": 64, "update_proj_gap": 200}}.get(method, {})
 cfg = load_config({"model": model, "data": {"train": "(synthetic)"}, "method": {"name": method, **opts},
-                   "train": {"bf16": False, "objective": objective}})
+                   "train": {"bf16": False, "objective": objective}, "regularize": regularize})
 m = measure(cfg, seq_len=seq, batch=1, steps=2, live_memory=live)
 print("RESULT " + json.dumps(m.as_dict()))
 """
@@ -70,9 +74,9 @@ def build_tiny(root: Path) -> dict[str, str]:
     return paths
 
 
-def run_one(model: str, method: str, seq: int, live: bool, objective: str = "sft") -> dict:
+def run_one(model: str, method: str, seq: int, live: bool, objective: str = "sft", regularize: str = "none") -> dict:
     proc = subprocess.run([sys.executable, "-c", CHILD, model, method, str(seq), "live" if live else "default",
-                           objective], capture_output=True, text=True)
+                           objective, regularize], capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"{model} {method} {seq} failed:\n{proc.stderr[-3000:]}")
@@ -86,6 +90,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(SEQ))
     parser.add_argument("--preference", nargs="*", default=["dpo"],
                         help="preference objectives to check too (lora and full, first length; none: --preference)")
+    parser.add_argument("--regularize", nargs="*", default=["distill", "ewc"],
+                        help="regularizers to check too (lora and full, both lengths; none: --regularize)")
     parser.add_argument("--default-malloc", action="store_true",
                         help="also measure each model/method at its first length without the live-malloc setting")
     args = parser.parse_args()
@@ -95,6 +101,13 @@ def main() -> None:
     start = time.time()
     for model in args.models:
         for method in args.methods:
+            for regularizer in args.regularize if method in PREFERENCE_METHODS else ():
+                for seq in SEQ[model]:
+                    r = run_one(refs[model], method, seq, live=True, regularize=regularizer)
+                    r["label"], r["regularize"] = model, regularizer
+                    rows.append(r)
+                    print(f"{model} {method} + {regularizer} seq {seq}: predicted {r['predicted_mib']:.0f} MiB, "
+                          f"measured {r['measured_mib']:.0f} MiB, error {r['error']:+.1%}", flush=True)
             for i, seq in enumerate(SEQ[model]):
                 r = run_one(refs[model], method, seq, live=True)
                 r["label"] = model
@@ -124,7 +137,8 @@ def main() -> None:
         extra = ""
         if slack:
             extra = f" {r['default_malloc_measured_mib']:.0f} |" if "default_malloc_measured_mib" in r else " |"
-        method = r["method"] + (f" {r['objective']}" if r.get("objective", "sft") != "sft" else "")
+        method = r["method"] + (f" {r['objective']}" if r.get("objective", "sft") != "sft" else "") + (
+            f" + {r['regularize']}" if r.get("regularize") else "")
         print(f"| {r['label']} | {method} | {r['batch']} x {r['seq_len']} | {r['predicted_mib']:.0f} | "
               f"{r['measured_mib']:.0f} | {r['error']:+.1%} | {r['peak_phase']} | {r['seconds_per_step']:.1f} |" + extra)
 

@@ -316,6 +316,12 @@ def test_ewc_penalty_and_once_per_step():
     term = EWCTerm(lin, fisher, ref, lam=4.0)
     want = 0.5 * 4.0 * sum((fisher[n] * (p - ref[n]) ** 2).sum() for n, p in lin.named_parameters())
     assert term.penalty().item() == pytest.approx(want.item(), rel=1e-6)
+    params = list(lin.parameters())
+    got = torch.autograd.grad(term.penalty(), params)
+    plain = torch.autograd.grad(0.5 * 4.0 * sum((fisher[n] * (p - ref[n]) ** 2).sum()
+                                                for n, p in lin.named_parameters()), params)
+    for g, w in zip(got, plain):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=0)
     labels = torch.tensor([[-100, 5, 6, -100, 7]])  # 3 supervised targets after the shift
     # Micro batches of 3 and 5 targets in an accumulated batch of 8: the shares add up to one penalty.
     total = term(lin, {"labels": labels, "num_items_in_batch": 8}, None)

@@ -722,6 +722,10 @@ def plan(
     multi_task: bool = typer.Option(False, "--multi-task", help="Recommender: several tasks (LoRA with a higher rank)."),
     objective: str = typer.Option("sft", help="train.objective: sft, or dpo, orpo, simpo (then --batch counts "
                                   "pairs and --seq-len is one reply's sequence; dpo adds its reference pass)."),
+    distill: bool = typer.Option(False, "--distill", help="Price regularize.distill: the teacher pass and KD loss "
+                                 "(methods without adapters: a frozen copy of the model as the teacher)."),
+    ewc: bool = typer.Option(False, "--ewc", help="Price regularize.ewc: the Fisher pass before training, the Fisher "
+                             "and starting values kept all run, the penalty."),
     measure: bool = typer.Option(False, "--measure", help="Also run 2 real steps here and print predicted vs measured."),
     explain: bool = typer.Option(False, "--explain", help="One sentence per line on why it costs what it costs."),
     as_json: bool = JsonOption,
@@ -742,7 +746,7 @@ def plan(
     bill = _run(lambda: make_plan(model, method or registry.DEFAULT_METHOD, rank=rank, targets=target_list, seq_len=seq_len,
                                   batch=batch, grad_accum=grad_accum, precision=precision, checkpointing=checkpointing,
                                   optimizer=optimizer, devices=devices, zero=zero, device=device, loss=loss,
-                                  objective=objective, budget=budget))
+                                  objective=objective, distill=distill, ewc=ewc, budget=budget))
     result = {"bill": bill.as_dict()}
     if not as_json:
         print_bill(out, bill, explain=explain)
@@ -754,9 +758,10 @@ def plan(
 
         def go():
             section = method_config(method or registry.DEFAULT_METHOD, rank, target_list)
+            regularize = {**({"distill": {}} if distill else {}), **({"ewc": {}} if ewc else {})}
             cfg = load_config({"model": model, "data": {"train": "(synthetic)"}, "method": section.model_dump(),
                                "train": {"gradient_checkpointing": checkpointing, "selective_loss": loss != FULL_LOSS,
-                                         "objective": objective}})
+                                         "objective": objective}, "regularize": regularize})
             return run_measure(cfg, seq_len=seq_len, batch=batch, grad_accum=grad_accum)
 
         m = _run(go)

@@ -80,12 +80,15 @@ def plan(
     loss: str = SELECTIVE_LOSS,
     layout: str = "padding_free",
     objective: str = DEFAULT_OBJECTIVE,
+    distill: bool = False,
+    ewc: bool = False,
     budget=None,
     **method_options,
 ) -> Bill:
     """The memory bill of one training setup (see tunesmith.planning.lines for every line's formula). With a
     preference objective (dpo, orpo, simpo) `batch` counts pairs and `seq_len` is one reply's sequence: each pair
-    is chosen + rejected in one row, and dpo adds its reference pass."""
+    is chosen + rejected in one row, and dpo adds its reference pass. `distill` and `ewc` price those regularizers
+    (regularize.distill: the teacher pass and KD loss; regularize.ewc: the Fisher pass and what it keeps)."""
     dev = auto_device() if device == "auto" else device
     m = method if isinstance(method, MethodConfig) else method_config(method, rank, targets, **method_options)
     prec = auto_precision(dev, m.name) if precision == "auto" else precision
@@ -93,5 +96,5 @@ def plan(
         raise TunesmithError(f"precision '{precision}': use auto, {', '.join(PRECISIONS)}")
     setup = Setup(seq_len=seq_len, batch=batch, grad_accum=grad_accum, precision=prec, checkpointing=checkpointing,
                   optimizer=get_method(m.name).optimizer or optimizer, devices=devices, zero=zero, loss=loss,
-                  layout=layout, device=dev, objective=objective)
+                  layout=layout, device=dev, objective=objective, distill=distill, ewc=ewc)
     return compute_bill(model, m, setup, budget=budget)

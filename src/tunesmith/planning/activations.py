@@ -185,14 +185,14 @@ def _head(c: _Ctx, rg: bool, loss: str) -> int:
     head: dict[str, int] = {}
     embed_tr = tr.trains("model.embed_tokens.weight")
     _norm(c, T, rg, tr.trains("model.norm.weight"), head, "final norm")
-    if _lm_head_trains(spec, tr) and loss == FULL_LOSS:
+    if lm_head_trains(spec, tr) and loss == FULL_LOSS:
         _add(head, "lm_head input", T * spec.hidden * c.ab)
     _add(head, "rope tables", 2 * setup.rows[1] * spec.head_dim * c.ab)
     _add(head, "token ids", T * 8 * (2 if embed_tr else 1))  # the loss keeps the labels; the embedding its ids
     return sum(head.values())
 
 
-def _lm_head_trains(spec: ModelSpec, tr: Trainability) -> bool:
+def lm_head_trains(spec: ModelSpec, tr: Trainability) -> bool:
     """The lm_head trains itself, or through the embedding it is tied to."""
     return tr.trains("lm_head.weight") or (spec.tied and tr.trains("model.embed_tokens.weight"))
 
@@ -207,7 +207,7 @@ def _loss_buffers(c: _Ctx, loss: str) -> tuple[int, int]:
         return T * V * 4 + (T * V * c.ab if spec.final_softcap else 0), 2 * T * V * 4
     rows = setup.supervised
     chunk = min(setup.chunk_tokens, rows)
-    head_grad = V * h * 4 if _lm_head_trains(spec, c.tr) else 0
+    head_grad = V * h * 4 if lm_head_trains(spec, c.tr) else 0
     if setup.preference:
         # training/preference.py's chunked log-probs: forward saves the completion rows' hidden states and
         # targets; backward builds their gradient and, per chunk, the logits and the softmax turned in place
@@ -218,18 +218,24 @@ def _loss_buffers(c: _Ctx, loss: str) -> tuple[int, int]:
     return rows * h * c.ab + head_grad, rows * h * c.ab + 3 * chunk * V * 4 + head_grad
 
 
-def no_grad_forward(spec: ModelSpec, tr: Trainability, setup: Setup) -> int:
-    """Peak temporaries of a forward pass without autograd (a preference run's reference pass): one layer's
-    working set at a time (residual and normed stream, q/k/v and output, gate, up and their product), the final
-    hidden states, and the chunked log-probs (the completion rows' hidden states; a chunk's C x V fp32 logits and
-    the exponentials logsumexp takes of them)."""
+def no_grad_body(spec: ModelSpec, tr: Trainability, setup: Setup) -> int:
+    """Peak temporaries of the decoder body run without autograd: one layer's working set at a time (residual and
+    normed stream, q/k/v and output, gate, up and their product) and the final hidden states."""
     c = _ctx(spec, tr, setup)
     T, h, I = setup.tokens, spec.hidden, spec.intermediate
-    rows = setup.supervised
     attention = T * (2 * spec.heads + 2 * spec.kv_heads) * spec.head_dim * c.ab
     layer = 3 * T * h * c.nb + max(attention, 3 * T * I * c.ab)
-    head = rows * h * c.ab + 2 * min(setup.chunk_tokens, rows) * spec.vocab * 4
-    return layer + T * h * c.nb + head
+    return layer + T * h * c.nb
+
+
+def no_grad_forward(spec: ModelSpec, tr: Trainability, setup: Setup) -> int:
+    """Peak temporaries of a forward pass without autograd (a preference run's reference pass): the body's
+    (`no_grad_body`) and the chunked log-probs (the completion rows' hidden states; a chunk's C x V fp32 logits
+    and the exponentials logsumexp takes of them)."""
+    c = _ctx(spec, tr, setup)
+    rows = setup.supervised
+    head = rows * spec.hidden * c.ab + 2 * min(setup.chunk_tokens, rows) * spec.vocab * 4
+    return no_grad_body(spec, tr, setup) + head
 
 
 def activations(spec: ModelSpec, tr: Trainability, setup: Setup) -> Activations:

@@ -10,14 +10,14 @@ with what autograd really saves on small models of each family.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 from ..config import MethodConfig
 from ..errors import TunesmithError
 from ..methods import METHODS, get_method
 from ..sizes import SIZE_HELP, GiB, MiB, SizeError, fmt_bytes, parse_size
-from .activations import Activations, activations, no_grad_forward
+from .activations import Activations, activations, no_grad_body, no_grad_forward
 from .lines import (
     ADAM_COSTS,
     FORWARD_ONLY,
@@ -29,6 +29,10 @@ from .lines import (
     backward_workspace_line,
     bill_inputs,
     ddp_buckets_line,
+    distill_line,
+    ewc_fisher_line,
+    ewc_penalty_bytes,
+    ewc_state_line,
     gather_line,
     gradients_line,
     logits_line,
@@ -40,6 +44,7 @@ from .lines import (
     reference_line,
     reference_mode,
     step_workspace_line,
+    teacher_copy_line,
     trainable_line,
     weights_line,
 )
@@ -143,11 +148,30 @@ def check_objective(x: Inputs) -> None:
                              "soft-caps its logits: plan it with objective sft")
 
 
+def check_regularizers(x: Inputs) -> None:
+    """config refuses distill and ewc without the selective loss (they are loss terms on its hidden states)."""
+    s = x.setup
+    if (s.distill or s.ewc) and (s.loss == FULL_LOSS or not x.tr.entry.selective_loss):
+        raise TunesmithError(f"distill and ewc add loss terms to tunesmith's selective loss, which method "
+                             f"{x.method.name} or --loss full does not use: plan them with --loss selective and "
+                             "another method, e.g. lora")
+
+
+def fisher_activations(x: Inputs) -> Activations | None:
+    """What one EWC reference example saves: batch 1, no checkpointing (eval mode), transformers' full logits."""
+    if not x.setup.ewc:
+        return None
+    one = replace(x.setup, seq_len=x.setup.ewc_tokens, batch=1, grad_accum=1, checkpointing=False, loss=FULL_LOSS,
+                  layout="padded", padded=False, distill=False, ewc=False)
+    return activations(x.spec, x.tr, one)
+
+
 def phases(x: Inputs, lines: list[Line], act: Activations) -> dict[str, int]:
     """Bytes alive at each moment of a training step; the peak is the largest."""
     spec, setup, tr = x.spec, x.setup, x.tr
     get = {l.key: l.bytes for l in lines}
-    base = get["weights"] + get["optimizer"] + get["master"] + get.get("gather", 0)
+    kept = get.get("teacher_copy", 0) + get.get("ewc_state", 0)  # the regularizers' all-run state
+    base = get["weights"] + get["optimizer"] + get["master"] + get.get("gather", 0) + kept
     grads = get["gradients"] + get.get("ddp_buckets", 0)
     grads_kept = grads if setup.grad_accum > 1 else 0  # accumulated over the micro batches, alive in forward
     amp_copies = get.get("autocast_copies", 0)
@@ -157,7 +181,7 @@ def phases(x: Inputs, lines: list[Line], act: Activations) -> dict[str, int]:
     saved = act.saved + amp_copies
     forward_only = sum(l.bytes for l in lines if l.phases == FORWARD_ONLY)  # e.g. DoRA's identity matrix
     out = {
-        "loss": base + grads_kept + saved + act.logits_transient,
+        "loss": base + grads_kept + saved + max(act.logits_transient, ewc_penalty_bytes(x)),
         "forward": base + grads_kept + saved - act.logits_saved + forward_only,
         "end of backward": base + grads + get["backward_workspace"],
         "optimizer step": base + grads + get["step_workspace"],
@@ -169,6 +193,11 @@ def phases(x: Inputs, lines: list[Line], act: Activations) -> dict[str, int]:
             out["reference forward"] = base + grads_kept + get["reference"]
         else:  # before training: the model as loaded, no gradients or optimizer states yet
             out["reference pass (before training)"] = get["weights"] + get.get("gather", 0) + get["reference"]
+    if "distill" in get:  # after the student's forward and SFT loss, before backward
+        out["distill (teacher pass, KD loss)"] = base + grads_kept + saved + get["distill"]
+    if "ewc_fisher" in get:  # before training: no optimizer states, gradients or starting values yet
+        out["EWC Fisher (before training)"] = (get["weights"] + get.get("gather", 0) + get.get("teacher_copy", 0)
+                                               + get["ewc_fisher"])
     if setup.checkpointing:
         out["recompute (checkpointing)"] = (base + max(grads_kept, head_grad) + act.checkpoint_inputs + act.layer_bytes
                                             + amp_copies)
@@ -206,13 +235,16 @@ def compute_bill(model, method: MethodConfig | dict | str | None = None, setup: 
     method = _method(method)
     x = bill_inputs(load_spec(model), method, _setup(setup, method))
     check_objective(x)
+    check_regularizers(x)
     act = activations(x.spec, x.tr, x.setup)
     cost = optimizer_cost(x)
     overhead = overhead_line(x)
     candidates = (weights_line(x), trainable_line(x), gradients_line(x), ddp_buckets_line(x), optimizer_line(cost),
                   master_line(x), activations_line(x, act), autocast_copies_line(x), logits_line(x, act),
                   adapter_workspace_line(x), backward_workspace_line(x), step_workspace_line(cost), gather_line(x),
-                  reference_line(x, no_grad_forward(x.spec, x.tr, x.setup)), overhead)
+                  reference_line(x, no_grad_forward(x.spec, x.tr, x.setup)), teacher_copy_line(x),
+                  distill_line(x, no_grad_body(x.spec, x.tr, x.setup)), ewc_state_line(x),
+                  ewc_fisher_line(x, fisher_activations(x)), overhead)
     lines = [l for l in candidates if l is not None]
     by_phase = phases(x, lines, act)
     peak_phase = max(by_phase, key=by_phase.get)

@@ -23,8 +23,9 @@ from typing import Optional
 
 from ..config import MethodConfig
 from ..sizes import GiB, MiB, fmt_bytes, fmt_count
-from .activations import Activations
-from .setup import FULL_LOSS, REFERENCE_ADAPTER, REFERENCE_COPY, REFERENCE_PRECOMPUTED, REGIME_TEXT, Setup
+from .activations import Activations, lm_head_trains
+from .setup import (DISTILL_CHUNK_ROWS, FULL_LOSS, REFERENCE_ADAPTER, REFERENCE_COPY, REFERENCE_PRECOMPUTED,
+                    REGIME_TEXT, Setup)
 from .spec import ModelSpec
 from .trainable import Trainability, galore_targets, trainability, trainable_params, trainable_tensors
 
@@ -391,6 +392,72 @@ def reference_line(x: Inputs, forward: int) -> Optional[Line]:
     return Line("reference", f"reference model ({mode})", forward, formula,
                 f"what tunesmith train chooses: {mode} (training/preference.py)",
                 "Preference objectives compare the policy's log-probs with the starting model's.", ("reference",))
+
+
+# ---- regularizers (regularize.distill, regularize.ewc) ----------------------------------------------
+DISTILL_BUFFERS = 4  # chunk x vocab fp32 buffers alive at once in regularize/distill.py's loop
+EWC_PENALTY_TEMPS = 3  # (theta - theta_ref), its square, times F: per tensor while the penalty is summed
+
+
+def teacher_copy_line(x: Inputs) -> Optional[Line]:
+    """Distillation with a method that has no adapters to switch off keeps a frozen copy of the starting model."""
+    if not x.setup.distill or x.tr.is_adapter:
+        return None
+    return Line("teacher_copy", "distillation teacher (frozen copy)", frozen_copy_bytes(x),
+                f"{fmt_count(x.total)} x {x.widths.weight} B",
+                f"regularize.distill with method {x.method.name} (no adapters to switch off)",
+                "The teacher is the model as training started; without adapters to switch off that is a second copy.",
+                ("all",))
+
+
+def distill_line(x: Inputs, body: int) -> Optional[Line]:
+    """The teacher pass and the KD loss, each while the student's saved activations wait for backward."""
+    if not x.setup.distill:
+        return None
+    spec, ab = x.spec, x.widths.activation
+    rows = x.setup.supervised
+    chunk = min(DISTILL_CHUNK_ROWS, rows)
+    head_grad = spec.vocab * spec.hidden * 4 if lm_head_trains(spec, x.tr) else 0
+    kd = 3 * rows * spec.hidden * ab + DISTILL_BUFFERS * chunk * spec.vocab * 4 + head_grad
+    formula = (f"the larger of the teacher's no-grad pass over {x.setup.tokens:,} tokens (one layer's working set and "
+               f"its final hidden states) = {fmt_bytes(body)} and the KD loss: {rows:,} supervised rows x "
+               f"{spec.hidden} x {ab} B x 3 (student rows, teacher rows, their gradient) + {DISTILL_BUFFERS} x chunk of "
+               f"{chunk:,} rows x {spec.vocab:,} vocab x 4 B" + (" + lm_head gradient vocab x hidden x 4 B" if head_grad
+                                                                 else "") + f" = {fmt_bytes(kd)}")
+    teacher = "the model with its adapters switched off" if x.tr.is_adapter else "the frozen copy"
+    return Line("distill", "distillation teacher pass and KD loss", max(body, kd), formula,
+                f"regularize.distill: teacher = {teacher} (regularize/distill.py)",
+                "Distillation runs the teacher on every micro batch and compares both next-token distributions.",
+                ("distill",))
+
+
+def ewc_state_line(x: Inputs) -> Optional[Line]:
+    if not x.setup.ewc:
+        return None
+    return Line("ewc_state", "EWC Fisher and starting weights", 2 * x.n_train * 4,
+                f"2 x {fmt_count(x.n_train)} trainable x 4 B (diagonal Fisher + starting values, fp32)",
+                "regularize.ewc (regularize/ewc.py)",
+                "EWC pulls every trainable parameter toward its starting value, weighted by its Fisher: both are "
+                "kept for the whole run.", ("all",))
+
+
+def ewc_penalty_bytes(x: Inputs) -> int:
+    """The penalty's temporaries in the loss: a few fp32 copies of one trainable tensor at a time."""
+    return EWC_PENALTY_TEMPS * max(x.tensors, default=0) * 4 if x.setup.ewc else 0
+
+
+def ewc_fisher_line(x: Inputs, one: Optional[Activations]) -> Optional[Line]:
+    """Before training: one reference example's forward and backward at a time, in eval mode, full logits."""
+    if not x.setup.ewc or one is None:
+        return None
+    example = one.saved + one.logits_transient
+    n_bytes = 2 * x.n_train * 4 + example
+    formula = (f"Fisher accumulators and one example's gradients 2 x {fmt_count(x.n_train)} x 4 B + one "
+               f"{x.setup.ewc_tokens}-token example's activations with its full logits = {fmt_bytes(example)}")
+    return Line("ewc_fisher", "EWC Fisher pass (before training)", n_bytes, formula,
+                "regularize.ewc: per-example squared gradients (no optimizer states yet)",
+                "The Fisher needs each reference example's own gradient, so examples go through one at a time.",
+                ("fisher",))
 
 
 # ---- workspaces -------------------------------------------------------------------------------

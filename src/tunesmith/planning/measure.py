@@ -255,6 +255,7 @@ def measure(
     import torch
     from transformers import TrainerCallback
 
+    from ..regularize import build_loss_terms
     from ..training.run import build_trainer, use_fast_path
 
     cuda = torch.cuda.is_available()
@@ -263,6 +264,9 @@ def measure(
     if grad_accum > 2:
         notes.append(f"grad_accum {grad_accum} measured as 2 (memory repeats from the second micro batch on)")
     _preimport(config)
+    r = config.regularize
+    # EWC's Fisher reads reference text through the tokenizer; loaded before the idle RSS so it is not billed
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code) if r.ewc is not None else None
     live = False
     if not cuda and live_memory:
         live = keep_rss_live()
@@ -302,12 +306,13 @@ def measure(
             def on_step_end(self, args, state, control, **kw):
                 times.append(time.perf_counter() - self.t)
 
-        # as tunesmith.train builds it (regularisers' loss terms are not in the bill)
-        trainer = build_trainer(cfg, prepared, Path(out), data, callbacks=[Timer()])
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         tracker = None if cuda else PeakRSS()
+        # as tunesmith.train builds it, regularizers included (EWC's Fisher pass is measured too)
+        loss_terms, _ = build_loss_terms(cfg, prepared.model, tokenizer, None, Path(out))
+        trainer = build_trainer(cfg, prepared, Path(out), data, callbacks=[Timer()], loss_terms=loss_terms)
         trainer.train()
         if cuda:
             torch.cuda.synchronize()
@@ -329,6 +334,9 @@ def measure(
     s.fused_lora = config.train.fused_lora
     s.loss = SELECTIVE_LOSS if trainer.selective_loss or preference else FULL_LOSS
     s.objective = cfg.train.objective
+    s.distill, s.ewc = r.distill is not None, r.ewc is not None
+    if r.ewc is not None:
+        s.ewc_tokens = r.ewc.chunk_tokens if r.ewc.reference == "general" else config.data.max_length
     if examples is not None:
         seqs = sequences_of(data)
         sup = sum(sum(1 for l in x.labels[1:] if l != IGNORE_INDEX) for x in seqs) / len(seqs)

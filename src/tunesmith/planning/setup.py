@@ -24,6 +24,8 @@ REGIME_TEXT = {
     "pure-bf16": "bf16 weights, gradients and AdamW moments, no master copy",
 }
 CHUNK_TOKENS = 1024
+DISTILL_CHUNK_ROWS = 512  # regularize/distill.py: rows per chunk of its KD + CE loss
+EWC_TOKENS = 128  # regularize.ewc.chunk_tokens' default: tokens per Fisher example of general text
 # How a preference run gets its reference log-probs (training/preference.py): the adapter-disabled model, or
 # (weights that train) each pair scored once before training; a frozen copy of the model is the alternative
 # the bill prices beside it.
@@ -60,6 +62,12 @@ class Setup:
     packed_attention: bool = True  # padding-free rows: one causal sdpa call per example, no mask (train/attention.py)
     # train.objective: a preference objective makes every example a pair, chosen + rejected, each seq_len long
     objective: str = DEFAULT_OBJECTIVE
+    # regularize.distill: a no-grad teacher pass and the KD loss per step (adapters switched off, or a frozen copy
+    # of the model for methods without adapters)
+    distill: bool = False
+    # regularize.ewc: a diagonal Fisher from ewc_tokens-long examples before training, kept with the starting weights
+    ewc: bool = False
+    ewc_tokens: int = EWC_TOKENS
 
     def validate(self) -> "Setup":
         def bad(msg: str):
@@ -77,7 +85,9 @@ class Setup:
             bad(f"layout '{self.layout}': use padding_free or padded")
         if self.device not in ("cpu", "cuda"):
             bad(f"device '{self.device}': use cpu or cuda")
-        for name in ("seq_len", "batch", "grad_accum", "devices", "chunk_tokens"):
+        if self.preference and (self.distill or self.ewc):
+            bad(f"objective {self.objective} takes no regularizer (distill, ewc): plan it with objective sft")
+        for name in ("seq_len", "batch", "grad_accum", "devices", "chunk_tokens", "ewc_tokens"):
             if getattr(self, name) < 1:
                 bad(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.zero not in (0, 1, 2, 3):

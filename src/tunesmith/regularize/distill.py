@@ -45,25 +45,34 @@ class _DistillMinusCrossEntropy(torch.autograd.Function):
         wt = teacher_weight.to(teacher_hidden.dtype)
         T = float(temperature)
         for start in range(0, hidden.shape[0], chunk_rows):
+            # Buffers are divided, exponentiated and subtracted in place and freed as soon as they are spent, so at
+            # most four chunk x vocab fp32 buffers are alive at once (planning/lines.py distill_line bills them).
             h = hidden[start : start + chunk_rows]
             t = targets[start : start + chunk_rows]
             z = (h @ w.T).float()
+            log_p = torch.log_softmax(z, dim=-1)
+            log_ps = torch.log_softmax(z.div_(T), dim=-1)
+            del z
             with torch.no_grad():
                 zt = (teacher_hidden[start : start + chunk_rows] @ wt.T).float()
-            log_p = torch.log_softmax(z, dim=-1)
+            log_pt = torch.log_softmax(zt.div_(T), dim=-1)
+            del zt
             ce_sum += -log_p.gather(1, t[:, None]).sum()
-            log_ps = torch.log_softmax(z / T, dim=-1)
-            log_pt = torch.log_softmax(zt / T, dim=-1)
             pt = log_pt.exp()
-            kd_sum += (T * T) * (pt * (log_pt - log_ps)).sum()
+            kd_sum += (T * T) * log_pt.sub_(log_ps).mul_(pt).sum()
+            del log_pt
             if needs_h or needs_w:
-                g_ce = log_p.exp()
+                g = log_ps.exp_().sub_(pt).mul_(T)  # d/dz T^2 KL
+                g_ce = log_p.exp_()  # d/dz CE = softmax - onehot
                 g_ce[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                g = (T * (log_ps.exp() - pt) - g_ce) * ((1.0 - alpha) * scale)
+                g.sub_(g_ce).mul_((1.0 - alpha) * scale)
+                del g_ce
                 if needs_h:
                     grad_h[start : start + chunk_rows] = (g.to(w.dtype) @ w).to(hidden.dtype)
                 if needs_w:
                     grad_w += g.T @ h.float()
+                del g
+            del log_p, log_ps, pt
         ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
         ctx.has = (needs_h, needs_w)
         ctx.weight_dtype = weight.dtype
@@ -154,6 +163,7 @@ class DistillTerm:
             return zero, zero.detach(), zero.detach()
         t_hidden, t_weight = self.teacher_hidden(inputs, hidden.device)
         t_rows = t_hidden[:, :-1][keep]
+        del t_hidden  # only the supervised rows are needed
         weight = causal_lm(self.model).get_output_embeddings().weight
         scale = 1.0 / term_normaliser(inputs, int(chosen.numel()))
         return _DistillMinusCrossEntropy.apply(

@@ -68,6 +68,23 @@ def diagonal_fisher(model, examples: list[TokenizedExample]) -> dict[str, torch.
     return {n: f / len(usable) for n, f in fisher.items()}
 
 
+class _FisherWeightedSquare(torch.autograd.Function):
+    """sum F * (theta - theta_ref)^2 with gradient 2 F (theta - theta_ref), computed in backward: autograd's version
+    would keep two parameter-sized fp32 tensors per parameter from the loss to the backward pass."""
+
+    @staticmethod
+    def forward(ctx, param, fisher, reference):
+        ctx.save_for_backward(param, fisher, reference)  # all three live for the whole run anyway
+        d = param.float() - reference
+        return (fisher * d * d).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        param, fisher, reference = ctx.saved_tensors
+        grad = (param.float() - reference).mul_(fisher).mul_(2.0 * grad_out)
+        return grad.to(param.dtype), None, None
+
+
 class EWCTerm:
     """A MethodTrainer loss term: lambda/2 * sum F (theta - theta_ref)^2, once per optimizer step."""
 
@@ -90,7 +107,7 @@ class EWCTerm:
             if f.device != p.device:
                 f, ref = f.to(p.device), ref.to(p.device)
                 self.entries[i] = (p, f, ref)
-            part = (f * (p.float() - ref) ** 2).sum()
+            part = _FisherWeightedSquare.apply(p, f, ref)
             total = part if total is None else total + part
         return 0.5 * self.lam * total
 

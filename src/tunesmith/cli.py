@@ -590,7 +590,7 @@ def sweep(
     parallel: int = typer.Option(1, "--parallel", help="Runs trained at once, each in its own process (for GPU "
                                  "machines; GPUs are shared out round-robin)."),
     search: str = typer.Option("grid", "--search", help="grid (every combination) or optuna (--trials of them, "
-                               "picked by Optuna's TPE; needs `pip install 'tunesmith[sweep]'`)."),
+                               "picked by Optuna's TPE; needs `pip install 'tunesmith\\[sweep]'`)."),
     trials: Optional[int] = typer.Option(None, "--trials", help="--search optuna: how many runs to train."),
     set_: Optional[List[str]] = SetOption,
     as_json: bool = JsonOption,

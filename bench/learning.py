@@ -26,8 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 # name -> (recipe, overrides that make it a plain single-task run)
 TASKS = {
     "booking": ("recipes/quickstart.yaml", []),
-    "shopping": ("recipes/quickstart.yaml", ["data.train=data/shopping-train.jsonl", "data.eval=data/shopping-eval.jsonl",
-                                             "eval.scorer=exact_match"]),
+    "shopping": ("recipes/quickstart.yaml", ["eval.scorer=exact_match"]),  # + its data, written by shopping_data
     "recall": ("recipes/multiturn.yaml", []),
 }
 
@@ -98,6 +97,15 @@ def run_one(tool: str, recipe: str, overrides: list[str], seed: int, limit: int)
     return json.loads(lines[-1][7:])
 
 
+def shopping_data(folder: Path) -> list[str]:
+    """The shopping task's files (tunesmith.demo.shopping, seed 0) written into `folder`, as recipe overrides."""
+    sys.path.insert(0, str(REPO / "src"))
+    from tunesmith.demo import shopping
+
+    train, held_out = shopping.write(folder)
+    return [f"data.train={train.resolve()}", f"data.eval={held_out.resolve()}"]
+
+
 def summary_rows(results: dict) -> list[str]:
     """A markdown table: per task and tool, mean score, min-max and the scores by seed."""
     rows = ["| task | tool | mean | min-max | by seed |", "| --- | --- | ---: | ---: | --- |"]
@@ -114,6 +122,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=60, help="Held-out rows scored per run (0: all).")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="A recipe override for every task.")
     p.add_argument("--json", type=Path, default=None, help="Also write every score here.")
+    p.add_argument("--data", type=Path, default=REPO / "runs/learning-data", help="Where generated task data goes.")
     args = p.parse_args()
     tasks = args.tasks.split(",")
     unknown = sorted(set(tasks) - set(TASKS))
@@ -122,6 +131,8 @@ def main() -> None:
     results: dict[tuple[str, str], list[float]] = {}
     for task in tasks:
         recipe, overrides = TASKS[task]
+        if task == "shopping":
+            overrides = overrides + shopping_data(args.data)
         for seed in range(args.seeds):
             tools = ["tunesmith", "trl"] if seed % 2 == 0 else ["trl", "tunesmith"]
             for tool in tools:

@@ -108,3 +108,46 @@ def test_builtin_base_in_4bit_is_at_most_35_percent_of_fp32():
     fp32 = load_model("smollm2-135m-instruct").get_memory_footprint()
     nf4 = load_model("smollm2-135m-instruct", **load_kwargs(config)).get_memory_footprint()
     assert nf4 <= 0.35 * fp32, (nf4 / 2**20, fp32 / 2**20)
+
+
+def _qlora_with_random_b(tiny_recipe, tiny_model_dir, dropout: float):
+    cfg = qlora_config(tiny_recipe, tiny_model_dir)
+    cfg.method.dropout = dropout
+    torch.manual_seed(0)
+    model = prepare_model(load_model(cfg.model, **load_kwargs(cfg)), cfg).model
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    return model.train()
+
+
+def test_fused_branch_over_4bit_layers_equals_pefts_forward_and_gradients(tiny_recipe, tiny_model_dir):
+    from tunesmith.methods.fused_lora import use_fused_lora
+
+    ids = torch.randint(0, 1000, (2, 9))
+    results = []
+    for fused in (False, True):
+        model = _qlora_with_random_b(tiny_recipe, tiny_model_dir, 0.0)
+        layers = use_fused_lora(model).layers if fused else 0
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, layers))
+    (loss0, grads0, _), (loss1, grads1, layers) = results
+    assert layers == 2 * 7  # every 4-bit projection of both layers
+    torch.testing.assert_close(loss1, loss0, rtol=0, atol=1e-6)
+    assert grads0.keys() == grads1.keys() and grads0
+    for n in grads0:
+        torch.testing.assert_close(grads1[n], grads0[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_fused_branch_over_4bit_layers_keeps_fewer_activations_with_dropout(tiny_recipe, tiny_model_dir):
+    from tunesmith.methods.fused_lora import use_fused_lora
+
+    from helpers import saved_bytes
+
+    ids = torch.randint(0, 1000, (4, 64))
+    peft_model = _qlora_with_random_b(tiny_recipe, tiny_model_dir, 0.1)
+    fused = _qlora_with_random_b(tiny_recipe, tiny_model_dir, 0.1)
+    use_fused_lora(fused)
+    peft_bytes, fused_bytes = saved_bytes(peft_model, ids), saved_bytes(fused, ids)
+    assert fused_bytes < 0.8 * peft_bytes, (fused_bytes, peft_bytes)

@@ -129,17 +129,28 @@ class FusedLora:
         self.remove()
 
 
-def use_fused_lora(model: torch.nn.Module) -> FusedLora:
-    """Route every plain LoRA linear layer of a PEFT model through LoraBranch, and every DoRA one through
-    `fused_dora.DoraBranch`, until the handle is removed.
-
-    Checked before anything is swapped, so a refused model is left as it was."""
+def lora_linear_types() -> tuple[type, ...]:
+    """PEFT's LoRA layers whose training forward LoraBranch reproduces: full-precision linears and (QLoRA)
+    bitsandbytes 4-bit ones, whose base layer saves only the packed weight and adds its output like any base."""
     from peft.tuners.lora.layer import Linear  # heavy: peft imports torch and transformers
 
-    # bitsandbytes layers and other variants keep PEFT's forward
-    linears = [m for m in model.modules() if type(m) is Linear]
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:  # bitsandbytes is not installed: there are no 4-bit layers
+        return (Linear,)
+    return (Linear, Linear4bit)
+
+
+def use_fused_lora(model: torch.nn.Module) -> FusedLora:
+    """Route every plain LoRA linear layer of a PEFT model (full-precision or 4-bit base) through LoraBranch, and
+    every full-precision DoRA one through `fused_dora.DoraBranch`, until the handle is removed.
+
+    Checked before anything is swapped, so a refused model is left as it was."""
+    kinds = lora_linear_types()
+    # other variants (and DoRA over 4-bit weights) keep PEFT's forward
+    linears = [m for m in model.modules() if type(m) in kinds]
     plain = [m for m in linears if not m.lora_variant]
-    dora = [m for m in linears if is_fusable_dora(m)]
+    dora = [m for m in linears if type(m) is kinds[0] and is_fusable_dora(m)]  # DoRA's norm reads the plain weight
     if any(layer.lora_bias.get(n, False) for layer in plain + dora for n in layer.lora_A):
         raise TunesmithError("train.fused_lora does not support LoRA bias; set train.fused_lora: false")
     return FusedLora([(m, types.MethodType(_fused_forward, m)) for m in plain]

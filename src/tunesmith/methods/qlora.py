@@ -132,5 +132,6 @@ METHOD = Method(
     after_load=keep_cpu_gradients_flowing,
     merge=merge_into_dequantized_base,
     quantized_base=True,
+    fused_lora=True,
     warm_imports=("peft", "bitsandbytes"),
 )

@@ -383,9 +383,9 @@ def test_selective_loss_by_hand():
     assert full.line("logits").bytes == 2 * N * h * 4 + 3 * 1024 * V * 4 + 2 * V * h * 4
     half = compute_bill(SMOL, "lora", Setup(seq_len=1024, batch=2, precision="fp32", supervised_share=0.25))
     assert half.line("logits").bytes == 2 * (N // 4) * h * 4 + 3 * 511 * V * 4
-    # AdaLoRA and soft-capped logits fall back to transformers' loss
+    # AdaLoRA brings its orthogonality term as a loss term, so it takes the selective loss like every method
     ada = compute_bill(SMOL, MethodConfig(name="adalora"), Setup(seq_len=256, precision="fp32", layout="padded"))
-    assert ada.line("logits").bytes == 3 * 256 * V * 4
+    assert ada.line("logits").bytes == 2 * 255 * h * 4 + 3 * 255 * V * 4
 
 
 def test_padding_free_rows_mask_or_per_example_attention():
@@ -448,9 +448,11 @@ def _prepare(model, m: MethodConfig):
         return get_peft_model(model, VeraConfig(task_type="CAUSAL_LM", r=m.r, vera_dropout=m.dropout,
                                                 target_modules=m.target_modules))
     if m.name == "adalora":
+        # the wrapped model itself: PeftModel.forward would add PEFT's orthogonality term, which training computes
+        # as a loss term beside the selective loss (a few r x r tensors, not activations)
         return get_peft_model(model, AdaLoraConfig(task_type="CAUSAL_LM", init_r=m.init_r, target_r=m.target_r,
                                                    lora_dropout=m.dropout, target_modules=m.target_modules,
-                                                   total_step=10))
+                                                   total_step=10)).base_model.model
     if m.name == "freeze":
         last = f"layers.{model.config.num_hidden_layers - 1}."
         for n, p in model.named_parameters():

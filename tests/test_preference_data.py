@@ -171,8 +171,6 @@ def test_too_long_pairs_are_dropped_and_counted(tmp_path, tiny_model_dir, tokeni
      "regularize.replay: not supported with train.objective=dpo"),
     ({"train": {"objective": "simpo"}, "data": {"train": "x.jsonl", "format": "alpaca"}},
      "data.format: not supported with train.objective=simpo"),
-    ({"train": {"objective": "dpo"}, "method": {"name": "adalora"}},
-     "train.objective=dpo scores replies on the decoder body's output, which bypasses method.name=adalora"),
 ])
 def test_bad_preference_config(section, message):
     with pytest.raises(TunesmithError) as err:

@@ -1,8 +1,8 @@
-"""DPO, ORPO and SimPO with every adapter method (LoRA, DoRA, QLoRA, VeRA, LoRA+, IA3) and the whole-model ones
-(full, freeze, GaLore): the reference is the adapter-disabled base (its log-probs equal those of a separately
+"""DPO, ORPO and SimPO with every adapter method (LoRA, DoRA, QLoRA, VeRA, LoRA+, IA3, AdaLoRA) and the whole-model
+ones (full, freeze, GaLore): the reference is the adapter-disabled base (its log-probs equal those of a separately
 loaded base, 4-bit where the method's base is), and a few optimizer steps on one batch lower the loss with
-gradients reaching every trainable tensor. AdaLoRA adds its orthogonality term inside its own forward, which
-preference scoring bypasses: config refuses the pair in one line. QLoRA's reference pass is a no-grad CPU
+gradients reaching every trainable tensor. AdaLoRA's orthogonality term rides on the preference loss as a method
+loss term (methods/adalora_orthogonality.py). QLoRA's reference pass is a no-grad CPU
 forward, the one that makes bitsandbytes repack its weights on AVX512-BF16 CPUs (tests/test_qlora.py): the
 `avx512bf16` fixture checks it stays off here too."""
 from __future__ import annotations
@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM
 
 from tunesmith.config import load_config
 from tunesmith.data.assemble import prepare_data
-from tunesmith.errors import TunesmithError
 from tunesmith.methods import METHODS, load_kwargs, prepare_model
 from tunesmith.models import load_model
 from tunesmith.training.preference import PairCollator, PairDataset
@@ -22,11 +21,8 @@ from tunesmith.training.run import build_trainer, use_fast_path
 from test_preference_train import full_logits_logps, preference_recipe
 from test_qlora import avx512bf16, repacking  # noqa: F401  (a fixture, used by name)
 
-# Preference objectives score replies on the decoder body's output; a method whose own forward adds to the
-# loss (AdaLoRA's orthogonality term: entry.selective_loss False) is refused by config (the last test).
-SCORED = {name: entry for name, entry in METHODS.items() if entry.selective_loss}
-ADAPTERS = [name for name, entry in SCORED.items() if entry.saves_adapter]
-WHOLE_MODEL = [name for name, entry in SCORED.items() if not entry.saves_adapter]
+ADAPTERS = [name for name, entry in METHODS.items() if entry.saves_adapter]
+WHOLE_MODEL = [name for name, entry in METHODS.items() if not entry.saves_adapter]
 # Small adapters on the tiny model (hidden 64): each method's own rank option, every other default.
 SMALL = {"r": 4, "alpha": 8, "init_r": 6, "target_r": 4}
 
@@ -103,6 +99,7 @@ def test_preference_steps_lower_the_loss(tmp_path, tiny_model_dir, tokenizer, me
     assert trainer.reference == ({"dpo": "adapter" if method in ADAPTERS else "precomputed"}.get(objective))
     examples = data.train[:4]
     batch = PairCollator()([trainer.train_dataset[i] for i in range(len(examples))])
+    method_terms = sum(float(term(prepared.model, {}, None)) for term in prepared.loss_terms)  # AdaLoRA's
     undo = use_fast_path(prepared, config)
     steps = steps_on_one_batch(trainer, prepared, batch, 4)
     undo()
@@ -114,18 +111,7 @@ def test_preference_steps_lower_the_loss(tmp_path, tiny_model_dir, tokenizer, me
     assert set(last) == trainable  # gradients reach every trainable tensor
     assert sum(g.abs().sum() for g in last.values()) > 0
     if objective == "dpo":
-        assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # every method starts as the base: policy == reference
+        # every method starts as the base: policy == reference
+        assert losses[0] - method_terms == pytest.approx(0.6931, abs=1e-3)
     if METHODS[method].quantized_base:
         assert not any(repacking(prepared.model))
-
-
-@pytest.mark.parametrize("method", [name for name in METHODS if name not in SCORED])
-@pytest.mark.parametrize("objective", ["dpo", "orpo", "simpo"])
-def test_methods_with_their_own_forward_loss_are_refused_in_one_line(tmp_path, tiny_model_dir, method, objective):
-    recipe = preference_recipe(tmp_path, tiny_model_dir, objective)
-    recipe["method"] = method_section(method)
-    with pytest.raises(TunesmithError) as err:
-        load_config(recipe)
-    message = str(err.value)
-    assert "\n" not in message
-    assert f"train.objective={objective}" in message and f"method.name={method}" in message and "use another method" in message

@@ -134,7 +134,7 @@ def test_regularize_config_errors():
         load_config({"data": {"train": "a.jsonl"}, "regularize": {"replay": {"ratio": 1.0}}})
     with pytest.raises(TunesmithError, match="did you mean 'regularize.distill.temperature'"):
         load_config({"data": {"train": "a.jsonl"}, "regularize": {"distill": {"temprature": 2}}})
-    with pytest.raises(TunesmithError, match="need train.selective_loss: true"):
+    with pytest.raises(TunesmithError, match="set train.selective_loss: true"):
         load_config({"data": {"train": "a.jsonl"}, "regularize": {"ewc": {}}, "train": {"selective_loss": False}})
     cfg = load_config({"data": {"train": "a.jsonl"}, "regularize": {"ewc": {"lambda": 5}}}, ["regularize.ewc.lambda=7"])
     assert cfg.regularize.ewc.lambda_ == 7.0 and cfg.regularize.distill is None

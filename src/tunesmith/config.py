@@ -425,10 +425,6 @@ class RunConfig(_Section):
             if unsupported:
                 raise ValueError(f"{', '.join(unsupported)}: not supported with train.objective={self.train.objective} "
                                  "(preference pairs); remove it or train with objective sft")
-            if not METHODS[self.method.name].selective_loss:
-                raise ValueError(f"train.objective={self.train.objective} scores replies on the decoder body's output, "
-                                 f"which bypasses method.name={self.method.name}'s own forward (and what it adds to the "
-                                 f"loss); use another method, e.g. {DEFAULT_METHOD}")
         return self
 
     @model_validator(mode="after")
@@ -438,12 +434,9 @@ class RunConfig(_Section):
         if self.continual.previous and self.continual.strategy == "o-lora":
             needs_loss.append("continual.strategy=o-lora")
         entry = METHODS[self.method.name]
-        if needs_loss and (not self.train.selective_loss or not entry.selective_loss):
-            without = " or ".join(name for name, m in METHODS.items() if not m.selective_loss)
-            raise ValueError(
-                f"{', '.join(needs_loss)}: these add loss terms, which need train.selective_loss: true and a method other "
-                f"than {without} (got selective_loss={self.train.selective_loss}, method.name={self.method.name})"
-            )
+        if needs_loss and not self.train.selective_loss:
+            raise ValueError(f"{', '.join(needs_loss)}: these add loss terms to the selective loss; set "
+                             "train.selective_loss: true")
         if self.continual.previous and not entry.stacks:
             raise ValueError(
                 f"continual.previous needs method.name {' or '.join(methods_with('stacks'))} (adapters that stack), "

@@ -1,8 +1,9 @@
 """AdaLoRA: SVD-shaped adapters whose total rank is pruned from init_r toward target_r during training.
 
 A callback runs the rank allocation after every optimizer step (adalora_rank.py). PEFT adds the
-orthogonality regulariser to the model's loss inside PeftModel.forward, which the selective loss
-bypasses: AdaLoRA trains with transformers' loss, and takes no loss terms.
+orthogonality regulariser to the model's loss inside PeftModel.forward, which the selective loss (and preference
+scoring) bypasses, so the method brings it as a loss term (adalora_orthogonality.py): the same formula, counted
+once per optimizer step whatever the gradient accumulation.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def adalora_config(config: RunConfig, total_steps: int):
 
 
 def prepare_adalora(model, config: RunConfig, total_steps: int = 0) -> PreparedModel:
+    from .adalora_orthogonality import AdaLoraOrthogonality  # heavy: torch
     from .adalora_rank import RankAllocationCallback  # heavy: a transformers TrainerCallback
 
     peft_model = wrap_peft(model, adalora_config(config, max(total_steps, 1)), config)
@@ -49,6 +51,7 @@ def prepare_adalora(model, config: RunConfig, total_steps: int = 0) -> PreparedM
         param_groups=all_trainable_group(peft_model),
         save=peft_saver(peft_model, None),
         callbacks=[RankAllocationCallback(peft_model)],
+        loss_terms=[AdaLoraOrthogonality(peft_model, config.method.orth_reg_weight)],
     )
 
 
@@ -68,7 +71,8 @@ def adalora_tensors(r: int, name: str, d_in: int, d_out: int) -> list[int]:
 
 def adalora_saves(a: AdapterSaves) -> tuple[dict[str, int], bool]:
     out, keep_input = lora_saves(a)
-    out["adapter low-rank outputs"] += a.rank * a.d_in * a.act_bytes  # A * E
+    if a.fused or a.input_needs_grad:  # A * E: the fused branch keeps it, PEFT's matmul only for x's gradient
+        out["adapter low-rank outputs"] += a.rank * a.d_in * a.act_bytes
     return out, keep_input
 
 
@@ -83,6 +87,6 @@ METHOD = Method(
     rank_option="init_r",
     rank_extra=target_r_for_rank,
     adapter=AdapterBill(formula="init_r x (d_in + d_out) + init_r", tensors=adalora_tensors, saves=adalora_saves),
-    selective_loss=False,
+    fused_lora=True,
     warm_imports=("peft",),
 )

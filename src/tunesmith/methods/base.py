@@ -23,6 +23,9 @@ class PreparedModel:
     is_adapter: bool = True
     # Called once the run folder is written (e.g. to remove a temporary initial adapter).
     cleanup: Callable[[], None] | None = None
+    # Terms the method adds to the loss, `term(model, inputs, hidden) -> scalar` as MethodTrainer calls them
+    # (AdaLoRA's orthogonality regulariser).
+    loss_terms: list = field(default_factory=list)
 
 
 def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -98,6 +98,22 @@ def _fused_forward(self, x, *args, **kwargs):
     return result
 
 
+def _fused_svd_forward(self, x, *args, **kwargs):
+    """PEFT's AdaLoRA SVDLinear.forward for the training case: the branch x (A * E)^T B^T * scaling / ranknum is
+    LoraBranch with A * E as its A (autograd carries that product's gradient to A and E)."""
+    if not torch.is_grad_enabled() or self.disable_adapters or self.merged:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    for name in self.active_adapters:
+        if name not in self.lora_A:
+            continue
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, torch.nn.Dropout) and dropout.training else 0.0
+        scale = float(self.scaling[name]) / (float(self.ranknum[name].detach()) + 1e-5)  # a count, never trained
+        result = lora_branch(x, self.lora_A[name] * self.lora_E[name], self.lora_B[name], scale, p, base=result)
+    return result
+
+
 _NO_ATTRIBUTE = object()
 
 
@@ -142,10 +158,13 @@ def lora_linear_types() -> tuple[type, ...]:
 
 
 def use_fused_lora(model: torch.nn.Module) -> FusedLora:
-    """Route every plain LoRA linear layer of a PEFT model (full-precision or 4-bit base) through LoraBranch, and
-    every full-precision DoRA one through `fused_dora.DoraBranch`, until the handle is removed.
+    """Route every plain LoRA linear layer of a PEFT model (full-precision or 4-bit base) and every AdaLoRA one
+    through LoraBranch, and every full-precision DoRA one through `fused_dora.DoraBranch`, until the handle is
+    removed.
 
     Checked before anything is swapped, so a refused model is left as it was."""
+    from peft.tuners.adalora.layer import SVDLinear
+
     kinds = lora_linear_types()
     # other variants (and DoRA over 4-bit weights) keep PEFT's forward
     linears = [m for m in model.modules() if type(m) in kinds]
@@ -153,5 +172,7 @@ def use_fused_lora(model: torch.nn.Module) -> FusedLora:
     dora = [m for m in linears if type(m) is kinds[0] and is_fusable_dora(m)]  # DoRA's norm reads the plain weight
     if any(layer.lora_bias.get(n, False) for layer in plain + dora for n in layer.lora_A):
         raise TunesmithError("train.fused_lora does not support LoRA bias; set train.fused_lora: false")
+    svd = [m for m in model.modules() if type(m) is SVDLinear]
     return FusedLora([(m, types.MethodType(_fused_forward, m)) for m in plain]
-                     + [(m, fused_dora_forward(m)) for m in dora])
+                     + [(m, fused_dora_forward(m)) for m in dora]
+                     + [(m, types.MethodType(_fused_svd_forward, m)) for m in svd])

@@ -94,7 +94,6 @@ class Method:
     load_kwargs: Callable[[Any], dict] = no_load_kwargs  # extra from_pretrained arguments (QLoRA: 4-bit)
     after_load: Callable[[Any], None] = nothing_after_load  # on the loaded run model, before it is used
     merge: Callable[[Any, str], Any] = merge_and_unload  # (PeftModel of the run, run folder) -> plain model
-    selective_loss: bool = True  # the chunked selective loss, and the loss terms riding on it, apply
     stacks: bool = False  # continual.previous: earlier runs' adapters stack under a new one
     quantized_base: bool = False  # the frozen base is 4-bit (method.quant_type, method.double_quant)
     fused_lora: bool = False  # train.fused_lora runs its branches (plain LoRA on full-precision linears)

@@ -156,12 +156,11 @@ def _layer(c: _Ctx, T: int, i: int, rg_in: bool) -> tuple[dict, bool]:
 
 
 def effective_loss(spec: ModelSpec, tr: Trainability, setup: Setup) -> str:
-    """tunesmith falls back to transformers' full loss for a method whose entry opts out of the selective
-    loss (AdaLoRA: its regulariser lives in the model's forward) and for logit soft-capping (Gemma 2).
-    Preference objectives always take the selective path (config refuses the rest, bill.py checks it)."""
+    """tunesmith falls back to transformers' full loss for logit soft-capping (Gemma 2). Preference objectives
+    always take the selective path (config refuses the rest, bill.py checks it)."""
     if setup.preference:
         return SELECTIVE_LOSS
-    if setup.loss == FULL_LOSS or spec.final_softcap or not tr.entry.selective_loss:
+    if setup.loss == FULL_LOSS or spec.final_softcap:
         return FULL_LOSS
     return SELECTIVE_LOSS
 

@@ -140,9 +140,6 @@ def check_objective(x: Inputs) -> None:
     if s.loss == FULL_LOSS:
         raise TunesmithError(f"objective {s.objective} scores completions with the chunked log-probs, never "
                              "transformers' full loss: drop --loss full")
-    if not x.tr.entry.selective_loss:
-        raise TunesmithError(f"objective {s.objective} scores replies on the decoder body's output, which bypasses "
-                             f"method {x.method.name}'s own forward: use another method, e.g. lora")
     if x.spec.final_softcap:
         raise TunesmithError(f"objective {s.objective} needs logits that are exactly lm_head(hidden); {x.spec.name} "
                              "soft-caps its logits: plan it with objective sft")
@@ -151,10 +148,9 @@ def check_objective(x: Inputs) -> None:
 def check_regularizers(x: Inputs) -> None:
     """config refuses distill and ewc without the selective loss (they are loss terms on its hidden states)."""
     s = x.setup
-    if (s.distill or s.ewc) and (s.loss == FULL_LOSS or not x.tr.entry.selective_loss):
-        raise TunesmithError(f"distill and ewc add loss terms to tunesmith's selective loss, which method "
-                             f"{x.method.name} or --loss full does not use: plan them with --loss selective and "
-                             "another method, e.g. lora")
+    if (s.distill or s.ewc) and s.loss == FULL_LOSS:
+        raise TunesmithError("distill and ewc add loss terms to tunesmith's selective loss, which --loss full does "
+                             "not use: plan them with --loss selective")
 
 
 def fisher_activations(x: Inputs) -> Activations | None:

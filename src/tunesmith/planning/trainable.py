@@ -26,7 +26,7 @@ class Trainability:
     dropout: bool = False
     adapter_params: int = 0
     detail: str = ""
-    fusable: bool = False  # LoRA or DoRA on full-precision linears: train.fused_lora applies
+    fusable: bool = False  # LoRA, DoRA, AdaLoRA, QLoRA: train.fused_lora runs their branches
 
     @property
     def adapter(self) -> Optional[AdapterBill]:

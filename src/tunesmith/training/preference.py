@@ -185,7 +185,13 @@ class PreferenceTrainer(MethodTrainer):
                           ref[:, 0] if ref is not None else None, ref[:, 1] if ref is not None else None)
         out = self.objective.loss(logps, self.options)
         self._record(out, "train" if model.training else "eval")
-        return (out.loss, {"loss": out.loss}) if return_outputs else out.loss
+        loss = out.loss
+        if model.training:
+            # The method's terms (AdaLoRA's orthogonality) at full weight per micro batch: the Trainer divides the
+            # whole loss by the accumulation steps, so each counts once per optimizer step.
+            for term in self.loss_terms:
+                loss = loss + term(model, {}, None)
+        return (loss, {"loss": loss}) if return_outputs else loss
 
     def _record(self, out, mode: str) -> None:
         values = {
@@ -254,7 +260,7 @@ def check_preference_model(config: RunConfig, model) -> None:
 
 
 def build_preference_trainer(config: RunConfig, prepared, args, train_examples: list, *, eval_examples: list | None,
-                             tokenizer, callbacks: list) -> PreferenceTrainer:
+                             tokenizer, callbacks: list, loss_terms: list | None = None) -> PreferenceTrainer:
     """The trainer of a preference run (run.py's build_trainer hands over here once the arguments are built).
     A run whose reference cannot be the adapter-disabled model scores every pair with the model as loaded,
     now, before any step."""
@@ -281,6 +287,7 @@ def build_preference_trainer(config: RunConfig, prepared, args, train_examples: 
         objective=entry,
         options=objective_options(config),
         reference=reference,
+        loss_terms=loss_terms,
     )
     trainer.remove_callback(PrinterCallback)
     return trainer

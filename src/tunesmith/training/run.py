@@ -15,7 +15,7 @@ from ..data.collate import PaddingCollator, PaddingFreeCollator
 from ..data.assemble import prepare_data
 from ..data.dataset import PreparedData
 from ..device import use_bf16
-from ..methods import get_method, prepare_model
+from ..methods import prepare_model
 from ..methods import load_kwargs as method_load_kwargs
 from ..methods.adapter_stack import attach_previous, merge_previous_into_base, save_previous
 from ..methods.fused_lora import use_fused_lora
@@ -62,10 +62,8 @@ class ExampleDataset(torch.utils.data.Dataset):
 
 
 def use_selective_loss(config: RunConfig, model) -> bool:
-    """The chunked selective loss, unless the method's entry opts out (AdaLoRA: its regulariser lives in
-    PeftModel.forward, which this path bypasses) or the model is one it cannot run."""
-    return (config.train.selective_loss and get_method(config.method.name).selective_loss
-            and supports_selective_loss(model))
+    """The chunked selective loss, unless the recipe turns it off or the model is one it cannot run."""
+    return config.train.selective_loss and supports_selective_loss(model)
 
 
 def planned_steps(config: RunConfig, n_examples: int) -> int:
@@ -200,13 +198,14 @@ def build_trainer(config: RunConfig, prepared, output_dir: Path, train_examples:
     """
     from transformers.trainer_callback import PrinterCallback
 
+    loss_terms = [*prepared.loss_terms, *(loss_terms or [])]  # the method's own (AdaLoRA's), then the recipe's
     extra = {**distributed.training_arguments(config), **(prepared.training_args or {})}
     args = training_arguments(config, output_dir, bool(eval_examples), extra)
     if ordered:
         args.train_sampling_strategy = "sequential"  # mixed data is already in its exact, evenly spread order
     if get_objective(config.train.objective).preference:
         return build_preference_trainer(config, prepared, args, train_examples, eval_examples=eval_examples,
-                                        tokenizer=tokenizer, callbacks=callbacks)
+                                        tokenizer=tokenizer, callbacks=callbacks, loss_terms=loss_terms)
     if config.train.padding_free:
         collator = PaddingFreeCollator()
     else:

@@ -348,3 +348,20 @@ def test_adalora_fused_branch_equals_pefts_svd_forward(tiny_recipe, tiny_model_d
     for n in grads0:
         torch.testing.assert_close(grads1[n], grads0[n], rtol=1e-4, atol=1e-6, msg=n)
     assert any("lora_E" in n and g.abs().sum() > 0 for n, g in grads1.items())
+
+
+def test_adalora_allocator_state_is_on_the_bill(tiny_recipe, tiny_model_dir, tokenizer):
+    """PEFT's rank allocator keeps three fp32 tensors per adapter parameter from its first update on."""
+    from tunesmith.planning.bill import compute_bill
+    from tunesmith.planning.setup import Setup
+
+    config = cfg(tiny_recipe, name="adalora", init_r=4, target_r=2, dropout=0.0)
+    model = prepare_model(fresh(tiny_model_dir), config, total_steps=10).model.train()
+    x = prompt_ids(tokenizer)
+    model(input_ids=x, labels=x).loss.backward()
+    allocator = model.base_model.rankallocator
+    allocator.update_ipt(model)
+    kept = sum(t.numel() * t.element_size() for d in (allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc)
+               for t in d.values())
+    bill = compute_bill(str(tiny_model_dir), config.method, Setup(seq_len=16, precision="fp32"))
+    assert bill.line("adapter_state").bytes == kept == 3 * bill.trainable_params * 4

@@ -86,7 +86,9 @@ METHOD = Method(
     check=check_budget,
     rank_option="init_r",
     rank_extra=target_r_for_rank,
-    adapter=AdapterBill(formula="init_r x (d_in + d_out) + init_r", tensors=adalora_tensors, saves=adalora_saves),
+    adapter=AdapterBill(formula="init_r x (d_in + d_out) + init_r", tensors=adalora_tensors, saves=adalora_saves,
+                        state_per_param=3, state_what="PEFT's rank allocator: importance, its moving average and "
+                        "uncertainty per adapter parameter"),
     fused_lora=True,
     warm_imports=("peft",),
 )

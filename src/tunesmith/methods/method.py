@@ -52,6 +52,10 @@ class AdapterBill:
     saves: Callable[[AdapterSaves], tuple[dict[str, int], bool]]
     qv_note: bool = False  # the bill notes the count on every linear against q_proj and v_proj only (LoRA's r)
     workspace: Optional[Workspace] = None
+    # fp32 values per trainable parameter the method keeps all run besides the optimizer's (AdaLoRA's rank
+    # allocator: importance, its moving average and its uncertainty), and what they are
+    state_per_param: int = 0
+    state_what: str = ""
 
 
 def no_load_kwargs(config) -> dict:

@@ -20,6 +20,7 @@ from ..sizes import SIZE_HELP, GiB, MiB, SizeError, fmt_bytes, parse_size
 from .activations import Activations, activations, no_grad_body, no_grad_forward
 from .lines import (
     ADAM_COSTS,
+    adapter_state_line,
     FORWARD_ONLY,
     Inputs,
     Line,
@@ -166,7 +167,8 @@ def phases(x: Inputs, lines: list[Line], act: Activations) -> dict[str, int]:
     """Bytes alive at each moment of a training step; the peak is the largest."""
     spec, setup, tr = x.spec, x.setup, x.tr
     get = {l.key: l.bytes for l in lines}
-    kept = get.get("teacher_copy", 0) + get.get("ewc_state", 0)  # the regularizers' all-run state
+    # all-run state besides weights and optimizer: the method's own, the regularizers'
+    kept = get.get("adapter_state", 0) + get.get("teacher_copy", 0) + get.get("ewc_state", 0)
     base = get["weights"] + get["optimizer"] + get["master"] + get.get("gather", 0) + kept
     grads = get["gradients"] + get.get("ddp_buckets", 0)
     grads_kept = grads if setup.grad_accum > 1 else 0  # accumulated over the micro batches, alive in forward
@@ -236,7 +238,7 @@ def compute_bill(model, method: MethodConfig | dict | str | None = None, setup: 
     cost = optimizer_cost(x)
     overhead = overhead_line(x)
     candidates = (weights_line(x), trainable_line(x), gradients_line(x), ddp_buckets_line(x), optimizer_line(cost),
-                  master_line(x), activations_line(x, act), autocast_copies_line(x), logits_line(x, act),
+                  master_line(x), adapter_state_line(x), activations_line(x, act), autocast_copies_line(x), logits_line(x, act),
                   adapter_workspace_line(x), backward_workspace_line(x), step_workspace_line(cost), gather_line(x),
                   reference_line(x, no_grad_forward(x.spec, x.tr, x.setup)), teacher_copy_line(x),
                   distill_line(x, no_grad_body(x.spec, x.tr, x.setup)), ewc_state_line(x),

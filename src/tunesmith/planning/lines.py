@@ -275,6 +275,16 @@ def optimizer_line(cost: OptimizerCost) -> Line:
                 "Adam keeps two running averages per trainable parameter for the whole run.", ("all",))
 
 
+def adapter_state_line(x: Inputs) -> Optional[Line]:
+    """State an adapter method keeps beside the optimizer's (AdaLoRA's rank allocator)."""
+    per = x.tr.adapter.state_per_param if x.tr.is_adapter else 0
+    if not per:
+        return None
+    return Line("adapter_state", f"{x.method.name} state", x.n_train * per * 4,
+                f"{fmt_count(x.n_train)} x {per} x 4 B", x.tr.adapter.state_what,
+                "The method keeps its own statistics per trainable parameter for the whole run.", ("all",))
+
+
 def master_line(x: Inputs) -> Line:
     master_b, p = x.widths.master, x.setup.precision
     if master_b:

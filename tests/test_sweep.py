@@ -17,7 +17,7 @@ from helpers import fails, invoke, ok, tree
 from tunesmith.errors import TunesmithError
 from tunesmith.sweep import plan_sweep, run_sweep
 from tunesmith.sweep.grid import expand, parse_grid, run_name
-from tunesmith.sweep.metrics import METRICS, best_row
+from tunesmith.sweep.metrics import METRICS, best_row, parse_requirement
 from tunesmith.sweep.parallel import device_slots
 from tunesmith.sweep.pareto import pareto_front, pareto_page
 from tunesmith.sweep.results import read_rows
@@ -70,6 +70,20 @@ def test_best_run_follows_the_metric_direction_and_keeps_the_first_of_equals():
     assert best_row(rows, METRICS["score"])["run"] == "b"
     assert best_row(rows, METRICS["eval_loss"])["run"] == "c"
     assert best_row(rows, METRICS["general_change"]) is None
+
+
+def test_required_runs_only_compete_for_best():
+    """The smallest general change among the runs that keep score >= 0.9: not the smallest overall."""
+    rows = [{"run": "a", "metrics": {"score": 0.98, "general_change": 0.10}},
+            {"run": "b", "metrics": {"score": 0.98, "general_change": 0.005}},
+            {"run": "c", "metrics": {"score": 0.74, "general_change": 0.001}},
+            {"run": "d", "metrics": {"general_change": 0.0}}]
+    keep = (parse_requirement("score>=0.9"),)
+    assert best_row(rows, METRICS["general_change"])["run"] == "d"
+    assert best_row(rows, METRICS["general_change"], keep)["run"] == "b"
+    assert best_row(rows, METRICS["general_change"], (parse_requirement("score >= 0.99"),)) is None
+    assert best_row(rows, METRICS["score"], (parse_requirement("general_change<=1e-2"),))["run"] == "b"
+    assert str(parse_requirement(" score>=.93 ")) == "score >= 0.93"
 
 
 def test_pareto_front_matches_a_hand_computed_case():
@@ -184,6 +198,19 @@ def test_the_table_holds_each_runs_numbers_and_names_the_best(recipe_file, tmp_p
     assert table_rows(table)["runs/train.lr=1e-2"]["eval_loss"] == "0.02"
 
 
+def test_the_table_names_the_best_run_that_keeps_the_requirement_or_how_close_any_came(recipe_file, tmp_path):
+    out = tmp_path / "sweep"
+    grid = ["train.lr=1e-3,1e-2", "train.seed=1,2"]  # fake_run: eval_loss = 2 lr, score = seed / 10
+    run_sweep(plan_sweep(recipe_file, grid, out=out, metric="eval_loss", require=["score>=0.2"]), run=fake_run)
+    table = (out / "sweep.md").read_text()
+    assert "among the runs with score >= 0.2" in table and "**runs/train.lr=1e-3_train.seed=2**" in table
+    r = invoke("sweep", recipe_file, *sum((["--grid", g] for g in grid), []), "--out", out, "--metric", "eval_loss",
+               "--require", "score>=0.5")  # every run is finished: only the views are written again
+    ok(r)
+    assert "none: no finished run meets them (score reached 0.2 at best)" in r.output
+    assert "score reached 0.2 at best" in (out / "sweep.md").read_text()
+
+
 def table_rows(markdown: str) -> dict[str, dict[str, str]]:
     """sweep.md's table as {run: {column: cell}}, the best-run mark removed."""
     lines = [line for line in markdown.splitlines() if line.startswith("|")]
@@ -208,6 +235,9 @@ def table_rows(markdown: str) -> dict[str, dict[str, str]]:
     (["--grid", "train.lr=abc,1e-3"], ["--grid train.lr (value abc)", "train.lr"]),
     (["--grid", "train.seed=1,2", "--metric", "scor"], ["--metric scor", "'score'"]),
     (["--grid", "train.seed=1,2", "--metric", "general_change"], ["add --forgetting"]),
+    (["--grid", "train.seed=1,2", "--require", "score>0.9"], ["--require 'score>0.9'", "METRIC>=VALUE"]),
+    (["--grid", "train.seed=1,2", "--require", "scor>=0.9"], ["--require 'scor>=0.9'", "'score'"]),
+    (["--grid", "train.seed=1,2", "--require", "general_change<=0.01"], ["--require", "add --forgetting"]),
     (["--grid", "train.seed=1,2", "--parallel", "0"], ["--parallel 0"]),
     (["--grid", "train.seed=1,2", "--search", "random"], ["--search random"]),
     (["--grid", "train.seed=1,2", "--search", "optuna"], ["needs --trials"]),

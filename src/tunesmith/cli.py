@@ -585,6 +585,9 @@ def sweep(
                                          "task score when the recipe has eval data, else eval_loss)."),
     forgetting: bool = typer.Option(False, "--forgetting", help="Also run `eval --forgetting` on each run and plot "
                                     "task score vs general-perplexity change (pareto.html)."),
+    require: Optional[List[str]] = typer.Option(None, "--require", help="METRIC>=VALUE or METRIC<=VALUE: only runs "
+                                                "that keep it may be best (repeatable), e.g. --metric general_change "
+                                                "--require score>=0.93."),
     out_dir: Optional[str] = typer.Option(None, "--out", help="The sweep folder (default: the recipe's output_dir + "
                                           "-sweep); rerunning the same command there continues it."),
     parallel: int = typer.Option(1, "--parallel", help="Runs trained at once, each in its own process (for GPU "
@@ -599,6 +602,7 @@ def sweep(
     best run named) and, with --forgetting, pareto.html. Rerunning skips the finished runs."""
     from .sweep import plan_sweep, run_sweep
     from .sweep.results import TABLE_FILE
+    from .sweep.table import best_line
     from .sweep.search import check_search, search_sweep
     from .training.interrupt import TrainingInterrupted
 
@@ -614,7 +618,7 @@ def sweep(
 
     def go():
         plan = plan_sweep(recipe, grid or [], overrides=set_ or [], metric=metric, forgetting=forgetting, out=out_dir,
-                          parallel=parallel, progress=not as_json)
+                          parallel=parallel, progress=not as_json, require=require or [])
         if search == "optuna":
             check_search(plan, trials)
             return search_sweep(plan, trials, on_run=report)
@@ -629,14 +633,11 @@ def sweep(
     m, best = result.metric, result.best
     if as_json:
         return _print_json({"out": str(result.out), "metric": m.name, "higher_is_better": m.higher_is_better,
-                            "best": best, "runs": result.rows, "trained": result.trained})
+                            "require": [str(q) for q in result.requirements], "best": best, "runs": result.rows,
+                            "trained": result.trained})
     out.print(f"{len(result.rows)} runs finished ({result.trained} trained now); table {result.out / TABLE_FILE}",
               highlight=False)
-    if best is None:
-        out.print(f"no run has {m.name} ({m.label})", highlight=False)
-    else:
-        out.print(f"best by {m.name} ({m.direction}): {best['run']} ({m.name} {best['metrics'][m.name]})",
-                  highlight=False)
+    out.print(best_line(result.rows, m, best, result.requirements).replace("**", ""), highlight=False)
 
 
 # ---- plan -------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import operator
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -70,14 +72,46 @@ def read_metrics(run: Path, forgetting: bool) -> dict:
     return found
 
 
+@dataclass(frozen=True)
+class Requirement:
+    """`--require METRIC>=VALUE` (or <=): what a run must keep to be named best, e.g. score>=0.93."""
+
+    metric: Metric
+    op: str
+    value: float
+
+    def met(self, row: dict) -> bool:
+        got = row["metrics"].get(self.metric.name)
+        return _finite(got) and {">=": operator.ge, "<=": operator.le}[self.op](got, self.value)
+
+    def __str__(self) -> str:
+        return f"{self.metric.name} {self.op} {self.value:g}"
+
+
+REQUIREMENT = re.compile(r"^\s*([a-z_]+)\s*(>=|<=)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+
+
+def parse_requirement(text: str) -> Requirement:
+    m = REQUIREMENT.match(text)
+    if not m:
+        raise TunesmithError(f"--require '{text}': write METRIC>=VALUE or METRIC<=VALUE, e.g. --require score>=0.93")
+    name, op, value = m.groups()
+    if name not in METRICS:
+        match = difflib.get_close_matches(name, list(METRICS), n=1, cutoff=0.5)
+        hint = f"did you mean '{match[0]}'? " if match else ""
+        raise TunesmithError(f"--require '{text}': unknown metric {name}; {hint}choose one of {', '.join(METRICS)}")
+    return Requirement(METRICS[name], op, float(value))
+
+
 def summary_complete(run: Path) -> bool:
     """A run whose training finished: its summary.json exists and parses."""
     return isinstance(_read_json(run / SUMMARY_FILE), dict)
 
 
-def best_row(rows: list[dict], metric: Metric) -> Optional[dict]:
-    """The row with the best finite value of `metric` (the first of equals), or None when no row has one."""
-    candidates = [r for r in rows if _finite(r["metrics"].get(metric.name))]
+def best_row(rows: list[dict], metric: Metric, requirements: tuple[Requirement, ...] = ()) -> Optional[dict]:
+    """Among the rows that meet every requirement, the one with the best finite value of `metric` (the first of
+    equals), or None when no row qualifies."""
+    candidates = [r for r in rows if _finite(r["metrics"].get(metric.name)) and all(q.met(r) for q in requirements)]
     if not candidates:
         return None
     sign = 1 if metric.higher_is_better else -1

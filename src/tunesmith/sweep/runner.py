@@ -25,7 +25,7 @@ from ..rundir import run_inputs
 from ..yamlfile import field_paths
 from .grid import Combination, Grid, canonical, check_keys, expand, as_overrides, parse_grid, run_name
 from .job import Job, run_job as train_and_score
-from .metrics import Metric, best_row, default_metric, get_metric, summary_complete
+from .metrics import Metric, Requirement, best_row, default_metric, get_metric, parse_requirement, summary_complete
 from .pareto import pareto_page
 from .parallel import finished_in_any_order, process_pool
 from .results import (
@@ -49,6 +49,7 @@ class SweepPlan:
     forgetting: bool
     parallel: int = 1
     config: dict = field(default_factory=dict)  # the recipe with its --set options, as the manifest keeps it
+    requirements: tuple[Requirement, ...] = ()  # what the best run must keep (--require)
 
     def finished(self) -> dict[str, dict]:
         """canonical(values) -> line, for each combination whose run is finished."""
@@ -76,19 +77,22 @@ class SweepResult:
     best: Optional[dict]
     metric: Metric
     trained: int  # runs trained by this call
+    requirements: tuple[Requirement, ...] = ()
 
 
 def plan_sweep(recipe: Source, grid: Union[Iterable[str], Grid], *, overrides: Iterable[str] = (),
                metric: Optional[str] = None, forgetting: bool = False, out: Union[str, Path, None] = None,
-               parallel: int = 1, progress: bool = True) -> SweepPlan:
+               parallel: int = 1, progress: bool = True, require: Iterable[str] = ()) -> SweepPlan:
     """Check a sweep without touching anything. `grid` is `--grid` options (`KEY=V1,V2`) or a {key: values} dict;
-    `out` defaults to the recipe's output_dir + `-sweep`."""
+    `out` defaults to the recipe's output_dir + `-sweep`; `require` (`METRIC>=VALUE`, `METRIC<=VALUE`) limits which
+    runs may be named best, e.g. the smallest general_change among runs with score>=0.93."""
     if parallel < 1:
         raise TunesmithError(f"--parallel {parallel}: must be 1 or more (runs trained at once)")
     grid, overrides = _checked_grid(grid), list(overrides)
     base = load_config(recipe, overrides)
     scored = bool(base.data.eval) or base.data.eval_split > 0
     chosen = _checked_metric(metric, scored, forgetting)
+    requirements = tuple(_checked_requirement(q, scored, forgetting) for q in require)
     folder = Path(out) if out is not None else Path(f"{base.output_dir.rstrip('/')}-sweep")
     recipe_file = str(recipe) if isinstance(recipe, (str, Path)) else None
     jobs, reads = [], inputs("recipe", recipe_file)
@@ -103,7 +107,7 @@ def plan_sweep(recipe: Source, grid: Union[Iterable[str], Grid], *, overrides: I
                         forgetting=forgetting, progress=progress and parallel == 1, recipe=recipe_file))
     config = _manifest_config(base)
     _check_folder(folder, reads, config)
-    return SweepPlan(recipe, folder, grid, jobs, chosen, scored, forgetting, parallel, config)
+    return SweepPlan(recipe, folder, grid, jobs, chosen, scored, forgetting, parallel, config, requirements)
 
 
 def run_sweep(plan: SweepPlan, *, run: Optional[Callable[[Job], dict]] = None,
@@ -153,16 +157,17 @@ def record(plan: SweepPlan, row: dict, on_run: Optional[Callable[[dict, int, int
 
 def result(plan: SweepPlan, trained: int) -> SweepResult:
     rows = _grid_rows(plan)
-    return SweepResult(plan.out, rows, best_row(rows, plan.metric), plan.metric, trained)
+    return SweepResult(plan.out, rows, best_row(rows, plan.metric, plan.requirements), plan.metric, trained,
+                       plan.requirements)
 
 
 def sweep(recipe: Source, grid: Union[Iterable[str], Grid], *, overrides: Iterable[str] = (),
           metric: Optional[str] = None, forgetting: bool = False, out: Union[str, Path, None] = None,
-          parallel: int = 1, progress: bool = True,
+          parallel: int = 1, progress: bool = True, require: Iterable[str] = (),
           on_run: Optional[Callable[[dict, int, int], None]] = None) -> SweepResult:
     """plan_sweep, then run_sweep: the one call a notebook needs."""
     plan = plan_sweep(recipe, grid, overrides=overrides, metric=metric, forgetting=forgetting, out=out,
-                      parallel=parallel, progress=progress)
+                      parallel=parallel, progress=progress, require=require)
     return run_sweep(plan, on_run=on_run)
 
 
@@ -170,8 +175,9 @@ def write_views(plan: SweepPlan) -> None:
     """sweep.md, and pareto.html with --forgetting, from the finished runs of this grid."""
     rows = _grid_rows(plan)
     title = f"sweep of {plan.source if not isinstance(plan.source, dict) else 'a config'}"
-    table = sweep_markdown(title, list(plan.grid), rows, plan.metric, best_row(rows, plan.metric),
-                           pending=len(plan.jobs) - len(rows))
+    table = sweep_markdown(title, list(plan.grid), rows, plan.metric,
+                           best_row(rows, plan.metric, plan.requirements), pending=len(plan.jobs) - len(rows),
+                           requirements=plan.requirements)
     write_text_atomic(plan.out / TABLE_FILE, table)
     if plan.forgetting:
         write_text_atomic(plan.out / PARETO_FILE, pareto_page(title, rows))
@@ -215,12 +221,21 @@ def _checked_grid(grid: Union[Iterable[str], Grid]) -> Grid:
 def _checked_metric(name: Optional[str], scored: bool, forgetting: bool) -> Metric:
     if name is None:
         return default_metric(scored)
-    chosen = get_metric(name)
+    return _measurable(get_metric(name), "--metric " + name, scored, forgetting)
+
+
+def _checked_requirement(text: str, scored: bool, forgetting: bool) -> Requirement:
+    requirement = parse_requirement(text)
+    _measurable(requirement.metric, f"--require '{text}'", scored, forgetting)
+    return requirement
+
+
+def _measurable(chosen: Metric, option: str, scored: bool, forgetting: bool) -> Metric:
     if chosen.name in FORGETTING_METRICS and not forgetting:
-        raise TunesmithError(f"--metric {name} is measured by `eval --forgetting`; add --forgetting")
+        raise TunesmithError(f"{option}: {chosen.name} is measured by `eval --forgetting`; add --forgetting")
     if chosen.name in ("score", "perplexity") and not scored:
-        raise TunesmithError(f"--metric {name} needs eval data to score the runs on; set data.eval or "
-                             "data.eval_split > 0 in the recipe, or use --metric train_loss")
+        raise TunesmithError(f"{option}: {chosen.name} needs eval data to score the runs on; set data.eval or "
+                             "data.eval_split > 0 in the recipe, or use train_loss")
     return chosen
 
 

@@ -66,6 +66,9 @@ def search_sweep(plan: SweepPlan, trials: int, *, run: Optional[Callable[[Job], 
 
 
 def _value(row: dict, plan: SweepPlan) -> Optional[float]:
+    """The metric, or None (a failed trial, which TPE steers away from) for a run that misses a --require."""
+    if not all(q.met(row) for q in plan.requirements):
+        return None
     return row["metrics"].get(plan.metric.name)
 
 

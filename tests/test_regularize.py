@@ -382,8 +382,8 @@ def test_training_run_with_replay_distill_and_ewc(tmp_path, tiny_model_dir, monk
 def test_recipes_load():
     repo = Path(__file__).resolve().parent.parent / "recipes"
     assert load_config(repo / "replay.yaml").regularize.replay.ratio == 0.1
-    assert load_config(repo / "distill.yaml").regularize.distill.alpha == 0.5
-    assert load_config(repo / "ewc.yaml").regularize.ewc.lambda_ == 1000
+    assert load_config(repo / "distill.yaml").regularize.distill.alpha == 0.9  # the sweep's choice
+    assert load_config(repo / "ewc.yaml").regularize.ewc.lambda_ == 1e5
     for strategy in ("progressive", "o-lora", "merge", "separate"):
         cfg = load_config(repo / f"continual-{strategy}.yaml")
         assert cfg.continual.strategy == strategy and cfg.continual.previous == ["runs/continual-task1"]

@@ -3,14 +3,14 @@
 R = orth_reg_weight * mean over the adapter's A and B of ||P P^T - I||_F (A: rows orthonormal, P = A;
 B: columns orthonormal, P = B^T), PEFT's AdaLoraModel.forward formula. PEFT adds it to the loss of every
 forward that has labels; tunesmith's selective loss and preference scoring call the decoder body directly, so
-the term comes from here instead, counted once per optimizer step (distill.micro_batch_share): with gradient
+the term comes from here instead, counted once per optimizer step (loss_terms.micro_batch_share): with gradient
 accumulation PEFT's version counts it once per micro batch.
 """
 from __future__ import annotations
 
 import torch
 
-from ..regularize.distill import micro_batch_share
+from ..loss_terms import micro_batch_share
 
 
 class AdaLoraOrthogonality:

@@ -101,16 +101,6 @@ def term_normaliser(inputs: dict, count: int) -> float:
     return float(n) if n else float(max(count, 1))
 
 
-def micro_batch_share(inputs: dict) -> float:
-    """This micro batch's share of the accumulated batch's supervised tokens: a once-per-step penalty times
-    this, summed over the micro batches of a step, counts once (any grad_accum)."""
-    n = inputs.get("num_items_in_batch")
-    if not n:
-        return 1.0
-    count = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
-    return count / float(n)
-
-
 class DistillTerm:
     """A MethodTrainer loss term: (1 - alpha) * (KD - SFT), so the loss becomes alpha * SFT + (1 - alpha) * KD."""
 

@@ -14,7 +14,7 @@ example length). One forward and backward per example, in eval mode (no dropout)
 theta_ref are written to `ewc.safetensors` in the run folder and read back on --resume.
 
 In training the penalty is added once per optimizer step: each micro batch adds its share of the
-accumulated batch's supervised tokens (distill.micro_batch_share), so grad_accum does not scale it.
+accumulated batch's supervised tokens (loss_terms.micro_batch_share), so grad_accum does not scale it.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from ..data.masking import IGNORE_INDEX, TokenizedExample
 from ..data.mixing import source_examples
 from ..errors import TunesmithError
-from .distill import micro_batch_share
+from ..loss_terms import micro_batch_share
 
 EWC_FILE = "ewc.safetensors"
 

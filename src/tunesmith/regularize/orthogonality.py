@@ -9,7 +9,7 @@ import torch
 
 from ..errors import TunesmithError
 from ..methods.adapter_stack import DEFAULT
-from .distill import micro_batch_share
+from ..loss_terms import micro_batch_share
 
 
 class OrthogonalityTerm:

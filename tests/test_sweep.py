@@ -282,6 +282,14 @@ def test_a_first_run_that_fails_leaves_no_sweep_folder(recipe_file, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
+def test_optuna_counts_a_run_that_misses_a_requirement_as_a_failed_trial(recipe_file, tmp_path):
+    from tunesmith.sweep.search import _value
+
+    plan = plan_sweep(recipe_file, ["train.seed=1,2"], out=tmp_path / "sweep", require=["score>=0.15"])
+    assert _value({"metrics": {"score": 0.1}}, plan) is None
+    assert _value({"metrics": {"score": 0.2}}, plan) == 0.2
+
+
 def test_a_sweep_stopped_by_ctrl_c_says_how_to_continue(recipe_file, tmp_path, monkeypatch):
     import signal
 

@@ -244,6 +244,7 @@ def measure(
     examples: Optional[list[dict]] = None,
     live_memory: bool = True,
     setup: Optional[Setup] = None,
+    tokenizer=None,
 ) -> Measurement:
     """Run `steps` optimizer steps of `config` and compare the peak memory with the bill.
 
@@ -266,7 +267,8 @@ def measure(
     _preimport(config)
     r = config.regularize
     # EWC's Fisher reads reference text through the tokenizer; loaded before the idle RSS so it is not billed
-    tokenizer = load_tokenizer(config.model, config.trust_remote_code) if r.ewc is not None else None
+    if tokenizer is None and r.ewc is not None:
+        tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     live = False
     if not cuda and live_memory:
         live = keep_rss_live()
@@ -378,5 +380,5 @@ def dry_run(config: RunConfig, *, steps: int = 2, live_memory: bool = True) -> d
     examples = [ex if isinstance(ex, PreferenceExample) else {"input_ids": ex.input_ids, "labels": ex.labels}
                 for ex in longest]
     result = measure(config, batch=t.batch_size, grad_accum=t.grad_accum, steps=steps, examples=examples,
-                     live_memory=live_memory)
+                     tokenizer=tokenizer, live_memory=live_memory)
     return {"data": stats, "measurement": result}

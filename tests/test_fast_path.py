@@ -103,7 +103,7 @@ def test_grad_accum_equals_one_big_batch(tmp_path, tiny_model_dir, fast_path):
 
 @pytest.mark.slow
 def test_gradient_checkpointing_changes_nothing(tmp_path, tiny_model_dir, monkeypatch):
-    """Default config (LoRA dropout on, shuffled length-grouped order, fast path): recomputing activations in
+    """Default config (LoRA dropout on, shuffled order, fast path): recomputing activations in
     backward replays the same dropout masks, so the run is the same. The MLPs running twice as often shows
     the layers really were recomputed."""
     from transformers.models.llama.modeling_llama import LlamaMLP

@@ -244,7 +244,7 @@ def _count_fisher_computations(monkeypatch) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("ewc", [False, True], ids=["plain", "ewc"])
 def test_interrupted_run_resumed_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch, ewc):
-    """Default config (LoRA dropout, length-grouped shuffling, the fast path): a run stopped after step 3, its
+    """Default config (LoRA dropout, shuffled order, the fast path): a run stopped after step 3, its
     last checkpoint at step 2, resumed to step 4 (in the second epoch), ends with the uninterrupted run's
     adapter, logs each step once with the uninterrupted run's values, and (EWC, reference: the task's own
     data) reuses the stored Fisher. lambda is large enough that training without the penalty differs."""

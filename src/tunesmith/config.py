@@ -213,9 +213,10 @@ class TrainConfig(_Section):
     selective_loss: bool = Field(
         True, description="Compute logits only where a label is supervised, in chunks (same loss, less time and memory)."
     )
-    order: Literal["group_by_length", "random", "sequential"] = Field(
-        "group_by_length", description="Example order: shuffled with similar lengths batched together (least padding), "
-        "shuffled, or as in the file."
+    order: Literal["random", "group_by_length", "sequential"] = Field(
+        "random", description="Example order: shuffled; shuffled with similar lengths batched together (less padding "
+        "when train.padding_free is false, nothing saved otherwise, and it trains on runs of one length: one seed in "
+        "three scored 78% on the shopping task against 95-98% shuffled, bench/learning.py); or as in the file."
     )
     padding_free: bool = Field(
         True, description="Put a micro batch in one row without padding; attention stays inside each example."

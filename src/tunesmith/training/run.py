@@ -32,6 +32,7 @@ from ..errors import TunesmithError
 from ..doctor.callback import DoctorCallback, DoctorStopped
 from ..doctor.detectors import RunFacts
 from ..doctor.memory import memory_preflight
+from ..doctor.order import length_grouped_order
 from ..reporting import write_report
 from .callbacks import MetricsFileCallback, ProgressCallback
 from .task_score import TaskScoreCallback
@@ -307,8 +308,8 @@ def _fit(config: RunConfig, out: Path, tokenizer, data: PreparedData, checkpoint
         write_json(out / DATA_STATS_FILE, data.stats())
 
     # measured before the model loads: what the run will need against what the device has
-    preflight = memory_preflight(config, [len(ex.input_ids) for ex in data.train if hasattr(ex, "input_ids")]) \
-        if main and config.train.doctor else None
+    preflight = [memory_preflight(config, [len(ex.input_ids) for ex in data.train if hasattr(ex, "input_ids")]),
+                 length_grouped_order(config)] if main and config.train.doctor else []
     model = load_model(config.model, trust_remote_code=config.trust_remote_code, **method_load_kwargs(config))
     model.config.use_cache = False
     if config.continual.previous:  # earlier runs' adapters: merged into the base, or loaded beside the new one
@@ -330,7 +331,7 @@ def _fit(config: RunConfig, out: Path, tokenizer, data: PreparedData, checkpoint
         cross_entropy_only = not loss_terms and not get_objective(config.train.objective).preference
         facts = RunFacts(lr=config.train.lr, adapter=prepared.is_adapter, max_grad_norm=config.train.max_grad_norm,
                          vocab_size=getattr(model.config, "vocab_size", None) if cross_entropy_only else None)
-        doctor = DoctorCallback(out, facts, data.train, echo=progress, preflight=[preflight] if preflight else [])
+        doctor = DoctorCallback(out, facts, data.train, echo=progress, preflight=[f for f in preflight if f])
         callbacks.append(doctor)
     scorer = TaskScoreCallback(config, tokenizer) if config.train.keep_best == "score" else None
     if scorer is not None:

@@ -2,7 +2,7 @@
 
 Each task is a recipe (its data, LoRA r/alpha/dropout/targets, steps, micro batch, accumulation, lr, warmup,
 schedule, max length; `--set` applies to every task). tunesmith trains it as `tunesmith train` does (its
-defaults: length-grouped order, padding-free rows, every assistant turn supervised). TRL gets the same
+defaults: shuffled order, padding-free rows, every assistant turn supervised). TRL gets the same
 conversations in its prompt-completion form (everything before the last assistant turn is the prompt; TRL
 supervises that last turn only), the same hyperparameters and seed, and its own defaults otherwise (shuffled,
 padded batches, completion-only loss). Both adapters are scored by the same code on the recipe's held-out rows:

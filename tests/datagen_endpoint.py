@@ -77,20 +77,24 @@ class ScriptedEndpoint:
                     endpoint.max_in_flight = max(endpoint.max_in_flight, endpoint.in_flight)
                 try:
                     time.sleep(endpoint.delay)
-                    status = endpoint._status()
-                    if status is not None:
-                        return self._send(status, {"error": {"message": f"scripted {status}", "type": "test"}})
-                    if endpoint.malformed:
-                        return self._send(200, {"id": "x", "object": "chat.completion", "created": 0,
-                                                "model": endpoint.model, "choices": []})
-                    text = endpoint.answer(body["messages"][-1]["content"], body)
-                    self._send(200, {
-                        "id": "x", "object": "chat.completion", "created": 0, "model": endpoint.model,
-                        "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": text}}],
-                        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
+                    status, reply = self._reply(body)
                 finally:
+                    # before the reply goes out: once the client has it, it may send its next request at once
                     with endpoint._lock:
                         endpoint.in_flight -= 1
+                self._send(status, reply)
+
+            def _reply(self, body: dict) -> tuple[int, dict]:
+                status = endpoint._status()
+                if status is not None:
+                    return status, {"error": {"message": f"scripted {status}", "type": "test"}}
+                if endpoint.malformed:
+                    return 200, {"id": "x", "object": "chat.completion", "created": 0, "model": endpoint.model,
+                                 "choices": []}
+                text = endpoint.answer(body["messages"][-1]["content"], body)
+                return 200, {
+                    "id": "x", "object": "chat.completion", "created": 0, "model": endpoint.model,
+                    "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
 
         return Handler

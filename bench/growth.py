@@ -7,7 +7,7 @@ repeated to about SEQ tokens per example, on the built-in SmolLM2-135M or a rand
 Every run is its own process; the contenders alternate within a point. A run that fails (out of memory) is
 reported as failed, not dropped.
 
-    .venv/bin/python bench/growth.py --reps 2 --svg docs/growth.svg
+    .venv/bin/python bench/growth.py --reps 2 --svg docs/growth.svg --json growth.json
     .venv/bin/python bench/growth.py --points builtin:256 --steps 1 --reps 1     # a smoke run
 """
 from __future__ import annotations
@@ -110,14 +110,18 @@ def main() -> None:
     p.add_argument("--points", default=DEFAULT_POINTS, help="Comma-separated SHAPE:SEQ (shapes: builtin, llama-0.5b).")
     p.add_argument("--steps", type=int, default=2, help="Optimizer steps per run (each 4 examples).")
     p.add_argument("--reps", type=int, default=1)
-    p.add_argument("--json", help="Also write every run's numbers here.")
+    p.add_argument("--json", help="Write every run's numbers here; points already in it are kept, not rerun.")
     p.add_argument("--svg", help="Write the plot here.")
     args = p.parse_args()
-    rows = []
+    rows = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).is_file() else []
+    done = {(row["shape"], row["seq_len"]) for row in rows}
     for shape, seq_len in parse_points(args.points):
+        if (shape, seq_len) in done:
+            continue
         rows.append({"shape": shape, "seq_len": seq_len, "results": measure(shape, seq_len, args.steps, args.reps)})
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
+    rows.sort(key=lambda row: (list(NAMES).index(row["shape"]), row["seq_len"]))
     print("\n" + table(rows))
     if args.svg:
         Path(args.svg).write_text(plot(rows))

@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sft_throughput import TRL, TUNESMITH, run, workload_env  # noqa: E402
+from sft_throughput import base_contenders, run, workload_env  # noqa: E402
 
-from tunesmith.allocator import preload_env  # noqa: E402
 from tunesmith.reporting.svg import HEIGHT, WIDTH, line_chart  # noqa: E402
 
 DEFAULT_POINTS = "builtin:256,builtin:1024,builtin:4096,llama-0.5b:256,llama-0.5b:1024"
@@ -45,10 +43,8 @@ def parse_points(text: str) -> list[tuple[str, int]]:
 
 def measure(shape: str, seq_len: int, steps: int, reps: int) -> dict[str, list[dict]]:
     """Every contender `reps` times at one point, alternating; a failed run is {'failed': reason}."""
-    work = workload_env(argparse.Namespace(seq_len=seq_len, shape=shape, steps=steps, micro=1, accum=4))
-    system, preloaded = {**os.environ, **work}, preload_env({**os.environ, **work})
-    setups = {"tunesmith": (TUNESMITH, (), preloaded or system), "trl": (TRL, ("ckpt",), system),
-              "trl-no-ckpt": (TRL, ("no-ckpt",), system)}
+    setups, _, _ = base_contenders(workload_env(argparse.Namespace(seq_len=seq_len, shape=shape, steps=steps,
+                                                                    micro=1, accum=4)))
     results: dict[str, list[dict]] = {name: [] for name in setups}
     for rep in range(reps):
         for name in CONTENDERS if rep % 2 == 0 else reversed(CONTENDERS):

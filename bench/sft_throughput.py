@@ -176,6 +176,16 @@ def workload_env(args) -> dict:
     return env
 
 
+def base_contenders(work: dict) -> tuple[dict, dict, dict | None]:
+    """(name -> (child code, its arguments, its environment), the plain environment, the preloaded one or None):
+    tunesmith runs as its command does, with jemalloc preloaded where the machine has it (allocator.py)."""
+    from tunesmith.allocator import preload_env
+
+    system, preloaded = {**os.environ, **work}, preload_env({**os.environ, **work})
+    return ({"tunesmith": (TUNESMITH, (), preloaded or system), "trl": (TRL, ("ckpt",), system),
+             "trl-no-ckpt": (TRL, ("no-ckpt",), system)}, system, preloaded)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=6)
@@ -192,13 +202,7 @@ def main() -> None:
     args = p.parse_args()
     import torch
 
-    from tunesmith.allocator import preload_env
-
-    # tunesmith runs as its command does: with jemalloc preloaded where the machine has it (allocator.py)
-    work = workload_env(args)
-    system, preloaded = {**os.environ, **work}, preload_env({**os.environ, **work})
-    contenders = {"tunesmith": (TUNESMITH, (), preloaded or system), "trl": (TRL, ("ckpt",), system),
-                  "trl-no-ckpt": (TRL, ("no-ckpt",), system)}
+    contenders, system, preloaded = base_contenders(workload_env(args))
     if preloaded and args.trl_jemalloc:
         contenders["trl+jemalloc"] = (TRL, ("ckpt",), preloaded)
     if args.checkpointing:

@@ -243,18 +243,30 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False):
 
 
 def load_model(ref: str, dtype=None, trust_remote_code: bool = False, **kwargs):
+    """The model in `dtype` (fp32 by default). A safetensors checkpoint stored in another dtype is loaded as
+    stored and cast tensor by tensor (weight_cast.py), so the process never holds the file and the copy at once;
+    the result equals `from_pretrained(dtype=dtype)` (tests/test_weight_cast.py)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .weight_cast import buffer_dtypes_in, cast_parameters, keeps_dtype_exceptions
+
+    dtype = dtype or torch.float32
     resolved = resolve_model(ref)
-    with _load_errors(ref, resolved, "model"):
-        return AutoModelForCausalLM.from_pretrained(
-            resolved.path,
-            gguf_file=resolved.gguf_file,
-            dtype=dtype or torch.float32,
-            trust_remote_code=trust_remote_code,
-            **kwargs,
-        )
+
+    def load(as_dtype):
+        with _load_errors(ref, resolved, "model"):
+            return AutoModelForCausalLM.from_pretrained(resolved.path, gguf_file=resolved.gguf_file, dtype=as_dtype,
+                                                        trust_remote_code=trust_remote_code, **kwargs)
+
+    if resolved.gguf_file or "quantization_config" in kwargs:
+        return load(dtype)
+    model = load("auto")
+    if keeps_dtype_exceptions(model, dtype):
+        del model
+        return load(dtype)
+    cast_parameters(model, dtype, buffer_dtypes_in(model, dtype, trust_remote_code))
+    return model
 
 
 class _load_errors:

@@ -262,7 +262,7 @@ def load_model(ref: str, dtype=None, trust_remote_code: bool = False, **kwargs):
     if resolved.gguf_file or "quantization_config" in kwargs:
         return load(dtype)
     model = load("auto")
-    if keeps_dtype_exceptions(model, dtype):
+    if keeps_dtype_exceptions(model, dtype) or getattr(model.config, "quantization_config", None):
         del model
         return load(dtype)
     cast_parameters(model, dtype, buffer_dtypes_in(model, dtype, trust_remote_code))

@@ -46,7 +46,8 @@ def _libc():
 
 def keeps_dtype_exceptions(model, dtype) -> bool:
     """Whether transformers would keep some of this model's modules in fp32 when loading it in `dtype`
-    (`_keep_in_fp32_modules`): then only its own loader knows which, and the caller should use it."""
+    (`_keep_in_fp32_modules`): then only its own loader knows which, and the caller should use it (as for a
+    checkpoint quantized by its author, whose config names a quantization method)."""
     import torch
 
     strict = bool(getattr(model, "_keep_in_fp32_modules_strict", None)) and dtype in (torch.float16, torch.bfloat16)

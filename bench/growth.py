@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from sft_throughput import base_contenders, run, workload_env  # noqa: E402
+from sft_throughput import base_contenders, mean_rendered_length, run, workload_env  # noqa: E402
 
 from tunesmith.reporting.svg import HEIGHT, WIDTH, line_chart  # noqa: E402
 
-DEFAULT_POINTS = "builtin:256,builtin:1024,builtin:4096,llama-0.5b:256,llama-0.5b:1024"
+DEFAULT_POINTS = "builtin:256,builtin:1024,builtin:4096,llama-0.5b:256,llama-0.5b:1024,llama-0.5b:4096"
 NAMES = {"builtin": "SmolLM2-135M", "llama-0.5b": "Llama ~0.5B (random)"}
 SHORT = {"builtin": "135M", "llama-0.5b": "0.5B"}
 CONTENDERS = ("tunesmith", "trl", "trl-no-ckpt")
@@ -41,10 +41,11 @@ def parse_points(text: str) -> list[tuple[str, int]]:
     return points
 
 
-def measure(shape: str, seq_len: int, steps: int, reps: int) -> dict[str, list[dict]]:
-    """Every contender `reps` times at one point, alternating; a failed run is {'failed': reason}."""
-    setups, _, _ = base_contenders(workload_env(argparse.Namespace(seq_len=seq_len, shape=shape, steps=steps,
-                                                                    micro=1, accum=4)))
+def measure(shape: str, seq_len: int, steps: int, reps: int) -> dict:
+    """Every contender `reps` times at one point, alternating; a failed run is {'failed': reason}. Also the mean
+    tokens per example of the data the point ran on."""
+    work = workload_env(argparse.Namespace(seq_len=seq_len, shape=shape, steps=steps, micro=1, accum=4))
+    setups, _, _ = base_contenders(work)
     results: dict[str, list[dict]] = {name: [] for name in setups}
     for rep in range(reps):
         for name in CONTENDERS if rep % 2 == 0 else reversed(CONTENDERS):
@@ -56,7 +57,8 @@ def measure(shape: str, seq_len: int, steps: int, reps: int) -> dict[str, list[d
             results[name].append(r)
             shown = r.get("failed") or f"{r['tokens_per_second']:7.1f} tok/s  peak RSS {r['peak_rss_mib']:7.0f} MiB"
             print(f"{shape}:{seq_len} rep {rep} {name:12s} {shown}", flush=True)
-    return results
+    return {"shape": shape, "seq_len": seq_len, "tokens_per_example": mean_rendered_length(work["BENCH_DATA"]),
+            "results": results}
 
 
 def median(rs: list[dict], key: str) -> float | None:
@@ -65,7 +67,7 @@ def median(rs: list[dict], key: str) -> float | None:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| model | tokens/example | tunesmith tok/s | TRL ckpt tok/s | TRL no-ckpt tok/s | tunesmith MiB | "
+    head = ("| model | tokens per example (mean) | tunesmith tok/s | TRL ckpt tok/s | TRL no-ckpt tok/s | tunesmith MiB | "
             "TRL ckpt MiB | TRL no-ckpt MiB | speed / TRL fastest | memory / TRL leanest |\n" + "| --- " * 2 + "| ---: " * 8 + "|")
     lines = [head]
     for row in rows:
@@ -76,7 +78,7 @@ def table(rows: list[dict]) -> str:
         leanest = min((v for v in rss[1:] if v), default=None)
         speed = f"{tps[0] / fastest:.2f}x" if tps[0] and fastest else "-"
         memory = f"{rss[0] / leanest:.2f}x" if rss[0] and leanest else "-"
-        lines.append(f"| {NAMES[row['shape']]} | {row['seq_len']} | " + " | ".join(cell(v, ".1f") for v in tps) + " | "
+        lines.append(f"| {NAMES[row['shape']]} | {row['tokens_per_example']:,.0f} | " + " | ".join(cell(v, ".1f") for v in tps) + " | "
                      + " | ".join(cell(v, ",.0f") for v in rss) + f" | {speed} | {memory} |")
     return "\n".join(lines)
 
@@ -87,7 +89,7 @@ def plot(rows: list[dict]) -> str:
     for shape in dict.fromkeys(row["shape"] for row in rows):
         mine = [row for row in rows if row["shape"] == shape]
         for key, what in (("tokens_per_second", "tokens/s"), ("peak_rss_mib", "peak MiB")):
-            series = {LABELS[c]: [(math.log2(row["seq_len"]), median(row["results"][c], key)) for row in mine
+            series = {LABELS[c]: [(math.log2(row["tokens_per_example"]), median(row["results"][c], key)) for row in mine
                                   if median(row["results"][c], key) is not None] for c in CONTENDERS}
             charts.append(line_chart(f"{SHORT[shape]}: {what}", series, x_label="log2 tokens per example (8: 256, 12: 4096)"))
     style = ("svg.plot text{font:11px sans-serif}svg.plot text:not(.legend){fill:#333}svg.plot .title{font-weight:600}"
@@ -114,7 +116,7 @@ def main() -> None:
     for shape, seq_len in parse_points(args.points):
         if (shape, seq_len) in done:
             continue
-        rows.append({"shape": shape, "seq_len": seq_len, "results": measure(shape, seq_len, args.steps, args.reps)})
+        rows.append(measure(shape, seq_len, args.steps, args.reps))
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
     rows.sort(key=lambda row: (list(NAMES).index(row["shape"]), row["seq_len"]))

@@ -147,9 +147,17 @@ def random_llama(folder: str) -> str:
     return folder
 
 
+def rendered_length(tokenizer, row: dict) -> int:
+    """Tokens of a row as both contenders train on it: the instruction and input as the user turn, the output as
+    the assistant turn, in the model's chat template."""
+    messages = [{"role": "user", "content": row["instruction"] + "\n\n" + row["input"]},
+                {"role": "assistant", "content": row["output"]}]
+    return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+
 def long_rows(seq_len: int, count: int, path: str) -> str:
-    """`count` booking rows whose input is repeated until the rendered example is ~`seq_len` tokens: the same task
-    at a longer sequence (the answer, the supervised part, stays short)."""
+    """`count` booking rows whose input is repeated until the rendered example is about `seq_len` tokens: the same
+    task at a longer sequence (the answer, the supervised part, stays short)."""
     from transformers import AutoTokenizer
 
     from tunesmith.models import pull_builtin
@@ -158,10 +166,21 @@ def long_rows(seq_len: int, count: int, path: str) -> str:
     rows = [json.loads(line) for line in open("recipes/data/booking-train.jsonl")]
     with open(path, "w") as f:
         for row in (rows * (count // len(rows) + 1))[:count]:
-            text = row["instruction"] + row["input"] + row["output"]
-            repeats = max(1, (seq_len - 40) // len(tokenizer(text)["input_ids"]))
+            once = rendered_length(tokenizer, row)
+            per_copy = rendered_length(tokenizer, {**row, "input": row["input"] + " " + row["input"]}) - once
+            repeats = max(1, 1 + round((seq_len - once) / per_copy))
             f.write(json.dumps({**row, "input": " ".join([row["input"]] * repeats)}) + "\n")
     return path
+
+
+def mean_rendered_length(path: str) -> float:
+    from transformers import AutoTokenizer
+
+    from tunesmith.models import pull_builtin
+
+    tokenizer = AutoTokenizer.from_pretrained(str(pull_builtin("smollm2-135m-instruct")))
+    rows = [json.loads(line) for line in open(path)]
+    return sum(rendered_length(tokenizer, row) for row in rows) / len(rows)
 
 
 def workload_env(args) -> dict:

@@ -67,3 +67,33 @@ def test_cli_entry_point_reports_a_bad_choice_in_one_line(tmp_path):
     assert out.stderr.strip().splitlines() == [f"error: {CHOICE}={tmp_path / 'missing.so'}: no such file; set it to "
                                                "auto, system, or the path of a malloc library such as "
                                                "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"]
+
+
+OVERSIZE_LOOP = r"""
+import resource, sys, torch
+from tunesmith.allocator import keep_oversize_pages
+x = torch.ones(4096, 2048, dtype=torch.int16)  # 16 MiB: above jemalloc's 8 MiB oversize threshold
+def faults():
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        y = x & x
+        del y
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(faults(), keep_oversize_pages(), faults())
+"""
+
+
+def test_oversize_pages_are_kept_under_jemalloc_and_nothing_changes_without_it():
+    """Under jemalloc each 16 MiB tensor faults its 4096 pages in anew until the oversize arena keeps freed pages;
+    then the same allocation faults (almost) none. Without jemalloc the call reports False and changes nothing."""
+    library = find_allocator()
+    if library is None or "jemalloc" not in library.name:
+        pytest.skip("jemalloc is not installed (make setup installs it as root)")
+    env = {**os.environ, "LD_PRELOAD": str(library)}
+    env.pop("MALLOC_CONF", None)
+    out = subprocess.run([sys.executable, "-c", OVERSIZE_LOOP], env=env, capture_output=True, text=True, check=True)
+    before, applied, after = out.stdout.split()
+    assert applied == "True" and int(before) >= 4000 and int(after) < 100, out.stdout
+    plain = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+    out = subprocess.run([sys.executable, "-c", OVERSIZE_LOOP], env=plain, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[1] == "False", out.stdout

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from ..allocator import keep_oversize_pages
 from ..config import RunConfig
 from ..data.collate import PaddingCollator, PaddingFreeCollator
 from ..data.assemble import prepare_data
@@ -312,6 +313,7 @@ def _fit(config: RunConfig, out: Path, tokenizer, data: PreparedData, checkpoint
                  length_grouped_order(config)] if main and config.train.doctor else []
     model = load_model(config.model, trust_remote_code=config.trust_remote_code, **method_load_kwargs(config))
     model.config.use_cache = False
+    keep_oversize_pages()
     if config.continual.previous:  # earlier runs' adapters: merged into the base, or loaded beside the new one
         model = merge_previous_into_base(model, config)
     prepared = prepare_model(model, config, total_steps=planned_steps(config, len(data.train)))

@@ -4,7 +4,9 @@ ShortCausalAttention) on this CPU: causal attention forward + backward in bf16 f
 against an fp64 reference. Padding-free training sends examples up to `attention.SHORT` tokens to the short path.
 
     .venv/bin/python bench/attention_backends.py
+    .venv/bin/python bench/attention_backends.py --lengths 4096      # a long example
 """
+import argparse
 import time
 
 import torch
@@ -24,7 +26,10 @@ def attention(backend, q, k, v):
 
 
 def main() -> None:
-    for n in (64, 128, 160, 192, 256, 512, 1024):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 160, 192, 256, 512, 1024],
+                   help="Example lengths in tokens.")
+    for n in p.parse_args().lengths:
         torch.manual_seed(0)
         base = [torch.randn(1, h, n, D, dtype=torch.bfloat16) for h in (H, KV, KV)]
         grad = torch.randn(1, H, n, D, dtype=torch.bfloat16)

@@ -23,7 +23,7 @@ from sft_throughput import base_contenders, run, workload_env  # noqa: E402
 SETTINGS = {"oversize pages kept": (None, ""), "jemalloc default": (None, "jemalloc default"),
             "dirty_decay_ms:-1": ("dirty_decay_ms:-1", "jemalloc default")}
 # the child as `train` runs it, or with keep_oversize_pages turned into a no-op
-DEFAULT_PURGING = "import tunesmith.training.run as run_module\nrun_module.keep_oversize_pages = lambda: False\n"
+DEFAULT_PURGING = "import tunesmith.training.run as run_module\nrun_module.keep_oversize_pages = lambda largest: False\n"
 WORKLOADS = {"default run": dict(seq_len=0, steps=2, micro=4), "4096 tokens": dict(seq_len=4096, steps=1, micro=1)}
 
 

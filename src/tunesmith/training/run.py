@@ -309,11 +309,12 @@ def _fit(config: RunConfig, out: Path, tokenizer, data: PreparedData, checkpoint
         write_json(out / DATA_STATS_FILE, data.stats())
 
     # measured before the model loads: what the run will need against what the device has
-    preflight = [memory_preflight(config, [len(ex.input_ids) for ex in data.train if hasattr(ex, "input_ids")]),
-                 length_grouped_order(config)] if main and config.train.doctor else []
+    lengths = [len(ex.input_ids) for ex in data.train if hasattr(ex, "input_ids")]
+    preflight = [memory_preflight(config, lengths), length_grouped_order(config)] if main and config.train.doctor else []
     model = load_model(config.model, trust_remote_code=config.trust_remote_code, **method_load_kwargs(config))
     model.config.use_cache = False
-    keep_oversize_pages()
+    widest = max(getattr(model.config, "intermediate_size", 0) or 0, getattr(model.config, "hidden_size", 0) or 0)
+    keep_oversize_pages(4 * widest * config.train.batch_size * max(lengths, default=0))  # an fp32 tensor per token
     if config.continual.previous:  # earlier runs' adapters: merged into the base, or loaded beside the new one
         model = merge_previous_into_base(model, config)
     prepared = prepare_model(model, config, total_steps=planned_steps(config, len(data.train)))

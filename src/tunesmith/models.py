@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import TunesmithError
 from .paths import models_dir
+from .weight_cast import buffer_dtypes_in, cast_parameters, keeps_dtype_exceptions
 
 
 @dataclass(frozen=True)
@@ -248,8 +249,6 @@ def load_model(ref: str, dtype=None, trust_remote_code: bool = False, **kwargs):
     the result equals `from_pretrained(dtype=dtype)` (tests/test_weight_cast.py)."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from .weight_cast import buffer_dtypes_in, cast_parameters, keeps_dtype_exceptions
 
     dtype = dtype or torch.float32
     resolved = resolve_model(ref)

@@ -20,9 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from sft_throughput import base_contenders, run, workload_env  # noqa: E402
 
-SETTINGS = {"oversize pages kept": (None, ""), "jemalloc default": (None, "jemalloc default"),
-            "dirty_decay_ms:-1": ("dirty_decay_ms:-1", "jemalloc default")}
-# the child as `train` runs it, or with keep_oversize_pages turned into a no-op
+# setting -> (MALLOC_CONF, whether keep_oversize_pages is turned into a no-op in the child)
+SETTINGS = {"oversize pages kept": (None, False), "jemalloc default": (None, True),
+            "dirty_decay_ms:-1": ("dirty_decay_ms:-1", True)}
 DEFAULT_PURGING = "import tunesmith.training.run as run_module\nrun_module.keep_oversize_pages = lambda largest: False\n"
 WORKLOADS = {"default run": dict(seq_len=0, steps=2, micro=4), "4096 tokens": dict(seq_len=4096, steps=1, micro=1)}
 
@@ -39,9 +39,9 @@ def main() -> None:
         code, extra, env = setups["tunesmith"]
         for rep in range(args.reps):
             for setting in list(SETTINGS) if rep % 2 == 0 else reversed(list(SETTINGS)):
-                conf, purging = SETTINGS[setting]
+                conf, default_purging = SETTINGS[setting]
                 child_env = {k: v for k, v in env.items() if k != "MALLOC_CONF"} | ({"MALLOC_CONF": conf} if conf else {})
-                r = run((DEFAULT_PURGING if purging else "") + code, shape["steps"], extra, child_env)
+                r = run((DEFAULT_PURGING if default_purging else "") + code, shape["steps"], extra, child_env)
                 results[(workload, setting)].append(r)
                 print(f"{workload} rep {rep} {setting:20s} {r['tokens_per_second']:6.1f} tok/s  "
                       f"{r['peak_rss_mib']:6.0f} MiB", flush=True)

@@ -25,7 +25,6 @@ quiet_libraries()
 from transformers import AutoModelForCausalLM
 from tunesmith.models import load_model, resolve_model
 how, ref, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 t = time.perf_counter()
 if how == "tunesmith":
     model = load_model(ref, dtype=dtype)
@@ -34,7 +33,7 @@ else:
 seconds = time.perf_counter() - t
 weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 print("RESULT " + json.dumps({"seconds": seconds, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                              "before_mib": before, "weights_mib": weights}))
+                              "weights_mib": weights}))
 """
 
 

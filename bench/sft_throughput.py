@@ -134,17 +134,23 @@ def random_llama(folder: str) -> str:
     if (Path(folder) / "config.json").exists():
         return folder
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tunesmith.models import pull_builtin
-
-    tokenizer = AutoTokenizer.from_pretrained(str(pull_builtin("smollm2-135m-instruct")))
+    tokenizer = builtin_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, **LLAMA_05B)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def builtin_tokenizer():
+    from transformers import AutoTokenizer
+
+    from tunesmith.models import pull_builtin
+
+    return AutoTokenizer.from_pretrained(str(pull_builtin("smollm2-135m-instruct")))
 
 
 def rendered_length(tokenizer, row: dict) -> int:
@@ -158,11 +164,7 @@ def rendered_length(tokenizer, row: dict) -> int:
 def long_rows(seq_len: int, count: int, path: str) -> str:
     """`count` booking rows whose input is repeated until the rendered example is about `seq_len` tokens: the same
     task at a longer sequence (the answer, the supervised part, stays short)."""
-    from transformers import AutoTokenizer
-
-    from tunesmith.models import pull_builtin
-
-    tokenizer = AutoTokenizer.from_pretrained(str(pull_builtin("smollm2-135m-instruct")))
+    tokenizer = builtin_tokenizer()
     rows = [json.loads(line) for line in open("recipes/data/booking-train.jsonl")]
     with open(path, "w") as f:
         for row in (rows * (count // len(rows) + 1))[:count]:
@@ -174,11 +176,8 @@ def long_rows(seq_len: int, count: int, path: str) -> str:
 
 
 def mean_rendered_length(path: str) -> float:
-    from transformers import AutoTokenizer
-
-    from tunesmith.models import pull_builtin
-
-    tokenizer = AutoTokenizer.from_pretrained(str(pull_builtin("smollm2-135m-instruct")))
+    """Mean tokens per row of a data file, rendered as `rendered_length` does."""
+    tokenizer = builtin_tokenizer()
     rows = [json.loads(line) for line in open(path)]
     return sum(rendered_length(tokenizer, row) for row in rows) / len(rows)
 

@@ -79,11 +79,6 @@ def restart_with_allocator(module: str) -> None:
         os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], env)
 
 
-if __name__ == "__main__":
-    found = chosen_library(dict(os.environ))
-    print(found or "")
-
-
 def keep_oversize_pages(largest_tensor_bytes: int) -> bool:
     """Let jemalloc keep the pages of freed oversize allocations instead of returning them at once, when the run's
     largest activation tensor is oversize; True when set.
@@ -91,11 +86,10 @@ def keep_oversize_pages(largest_tensor_bytes: int) -> bool:
     jemalloc serves requests above `opt.oversize_threshold` (8 MiB) from a dedicated arena that gives freed
     pages straight back to the kernel, so the next tensor of that size faults every page in again. Training
     on long examples frees and reallocates such tensors in every layer (at 4096 tokens a dropout mask or a
-    cast is tens of MiB) and a 4096-token run of the built-in model spent a third of its time in page faults;
-    keeping them made it 1.6x faster at 13% more peak memory (bench/jemalloc_decay.py). The default run's
-    activations stay under the threshold, and there keeping the few oversize pages (the loss's chunks) only
-    added memory, so below it nothing changes. The arena's decay set to -1 keeps its freed pages for reuse;
-    the other arenas keep their default. A process without jemalloc is left alone.
+    cast is tens of MiB): keeping them made a 4096-token run of the built-in model 1.32x faster at 13% more
+    peak memory (bench/jemalloc_decay.py). On the default run, whose activations stay under the threshold,
+    keeping them added 25 MiB and no speed, so below it nothing changes. The arena's decay set to -1 keeps
+    its freed pages for reuse; the other arenas keep their default. A process without jemalloc is left alone.
     """
     import ctypes
 
@@ -117,3 +111,8 @@ def keep_oversize_pages(largest_tensor_bytes: int) -> bool:
     # the oversize arena is created after the automatic ones, so its index is their count
     return all(mallctl(f"arena.{automatic.value}.{what}_decay_ms".encode(), None, None, ctypes.byref(never),
                        ctypes.c_size_t(ctypes.sizeof(never))) == 0 for what in ("dirty", "muzzy"))
+
+
+if __name__ == "__main__":
+    found = chosen_library(dict(os.environ))
+    print(found or "")

@@ -261,6 +261,9 @@ def load_model(ref: str, dtype=None, trust_remote_code: bool = False, **kwargs):
     if resolved.gguf_file or "quantization_config" in kwargs:
         return load(dtype)
     model = load("auto")
+    if not any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
+        return model  # stored in the dtype asked for: the same load as from_pretrained(dtype=dtype)
+    # modules kept in fp32, or a checkpoint its author quantized: only transformers' loader knows what to keep
     if keeps_dtype_exceptions(model, dtype) or getattr(model.config, "quantization_config", None):
         del model
         return load(dtype)

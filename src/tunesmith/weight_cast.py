@@ -1,7 +1,6 @@
 """Cast a loaded model's weights to another dtype without holding the checkpoint and the copy at once.
 
-`from_pretrained(dtype=bf16)` on an fp32 safetensors file (the built-in model, most randomly initialised or
-fine-tuned exports) reads every tensor through a memory map and keeps the whole map resident until the last
+`from_pretrained(dtype=bf16)` on an fp32 safetensors file (the built-in model, any model saved in fp32) reads every tensor through a memory map and keeps the whole map resident until the last
 tensor is read: the process peaks at the file plus its converted copy (a ~0.5B model: 1.9 GB + 0.95 GB). Loading
 the file as stored costs nothing up front (the parameters are views of the map), and casting them one at a time
 while telling the kernel each source's pages are no longer needed keeps the peak at the copy plus one tensor.
@@ -46,8 +45,7 @@ def _libc():
 
 def keeps_dtype_exceptions(model, dtype) -> bool:
     """Whether transformers would keep some of this model's modules in fp32 when loading it in `dtype`
-    (`_keep_in_fp32_modules`): then only its own loader knows which, and the caller should use it (as for a
-    checkpoint quantized by its author, whose config names a quantization method)."""
+    (`_keep_in_fp32_modules`): then only its own loader knows which, and the caller should use it."""
     import torch
 
     strict = bool(getattr(model, "_keep_in_fp32_modules_strict", None)) and dtype in (torch.float16, torch.bfloat16)
@@ -72,7 +70,7 @@ def cast_parameters(model, dtype, buffer_dtypes: dict | None = None) -> None:
     for module_name, module in model.named_modules():
         for name, buffer in module.named_buffers(recurse=False):
             wanted = (buffer_dtypes or {}).get(f"{module_name}.{name}" if module_name else name, buffer.dtype)
-            if buffer is not None and buffer.dtype != wanted:
+            if buffer.dtype != wanted:
                 module._buffers[name] = buffer.to(wanted)
     model.config.dtype = dtype
 

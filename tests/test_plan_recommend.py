@@ -136,6 +136,20 @@ def test_measure_builds_the_trainer_train_builds(tiny_recipe, monkeypatch):
     assert trained.data_collator.pad_token_id is not None
 
 
+def test_measure_writes_no_checkpoint(tiny_recipe, monkeypatch):
+    """A measurement keeps nothing, so the Trainer's end-of-run checkpoint (weights and optimizer state, 0.7 GB
+    for full fine-tuning of the built-in model) is never written."""
+    from tunesmith.planning.measure import measure
+    from tunesmith.training.trainer import MethodTrainer
+
+    def refuse(self, model, trial):
+        raise AssertionError("measure saved a checkpoint")
+
+    monkeypatch.setattr(MethodTrainer, "_save_checkpoint", refuse)
+    tiny_recipe["data"].pop("eval")
+    assert measure(load_config(tiny_recipe), seq_len=16, batch=2, steps=2, live_memory=False).measured > 0
+
+
 # ---- measured ------------------------------------------------------------------------------------
 # Peak RSS is a property of a whole process; a long test session's heap would blur it, so each
 # measurement runs in a fresh interpreter, as `tunesmith plan --measure` does.

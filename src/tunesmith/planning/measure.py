@@ -255,6 +255,7 @@ def measure(
     """
     import torch
     from transformers import TrainerCallback
+    from transformers.trainer_utils import SaveStrategy
 
     from ..regularize import build_loss_terms
     from ..training.run import build_trainer, use_fast_path
@@ -315,6 +316,9 @@ def measure(
         # as tunesmith.train builds it, regularizers included (EWC's Fisher pass is measured too)
         loss_terms, _ = build_loss_terms(cfg, prepared.model, tokenizer, None, Path(out))
         trainer = build_trainer(cfg, prepared, Path(out), data, callbacks=[Timer()], loss_terms=loss_terms)
+        # a measurement keeps nothing: the Trainer's end-of-run checkpoint would write weights and optimizer
+        # state (0.7 GB for full fine-tuning of the built-in model) only to delete them
+        trainer.args.save_strategy = SaveStrategy.NO
         trainer.train()
         if cuda:
             torch.cuda.synchronize()

@@ -147,7 +147,8 @@ def test_measure_writes_no_checkpoint(tiny_recipe, monkeypatch):
 
     monkeypatch.setattr(MethodTrainer, "_save_checkpoint", refuse)
     tiny_recipe["data"].pop("eval")
-    assert measure(load_config(tiny_recipe), seq_len=16, batch=2, steps=2, live_memory=False).measured > 0
+    m = measure(load_config(tiny_recipe), seq_len=16, batch=2, steps=2, live_memory=False)
+    assert m.seconds_per_step > 0  # it trained (peak RSS in a warm test process can read 0)
 
 
 # ---- measured ------------------------------------------------------------------------------------

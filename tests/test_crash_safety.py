@@ -7,6 +7,7 @@ The signal tests run `tunesmith train` in a subprocess through a small launcher 
 """
 from __future__ import annotations
 
+import errno
 import inspect
 import json
 import logging
@@ -240,6 +241,66 @@ def test_a_kill_while_saving_leaves_no_checkpoint_folder(tmp_path, tiny_model_di
     assert train(config, resume=True, progress=False).summary["steps"] == 6
     assert not list(run.glob(".checkpoint-*.partial"))
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_a_full_disk_while_saving_is_one_line_and_leaves_the_last_whole_checkpoint(tmp_path, tiny_model_dir,
+                                                                                    monkeypatch):
+    """torch.save on a full disk raises a RuntimeError with no errno ("iostream error"): the save of step 4
+    fails that way with the disk reading full, and train ends in one line naming the disk and the fix, the
+    partial folder gone, checkpoint-2 left for --resume, which then finishes the run."""
+    from transformers import Trainer
+
+    from tunesmith.training import disk
+
+    original = Trainer._save_rng_state
+
+    def full_at_step_4(self, output_dir):
+        if self.state.global_step == 4:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 690203840 vs 690203728")
+        return original(self, output_dir)
+
+    recipe = small_recipe(tmp_path, tiny_model_dir, n_train=12, n_eval=0, max_steps=6, save_steps=2)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run = Path(recipe["output_dir"])
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_save_rng_state", full_at_step_4)
+        m.setattr(disk, "FULL_DISK_BYTES", 2**62)  # whatever this disk has free reads as full
+        fails(invoke("train", path, "--json"), f"no space left on the disk holding {run} while writing checkpoint-4",
+              "MiB written before it ran out, removed", "lower train.save_total_limit", "--resume")
+    assert not list(run.glob(".checkpoint-*")) and sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert train(load_config(recipe), resume=True, progress=False).summary["steps"] == 6
+
+
+def test_a_full_disk_while_writing_the_trained_weights_is_one_line(tmp_path, tiny_model_dir, monkeypatch):
+    from tunesmith.training import disk, run as training_run
+
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    recipe = small_recipe(tmp_path, tiny_model_dir, n_train=8, n_eval=0, max_steps=2, save_steps=2)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    monkeypatch.setattr(training_run, "_save_weights", no_space)
+    fails(invoke("train", path, "--json"), "no space left on the disk holding", "while writing the trained weights")
+    assert disk.disk_full(OSError(errno.ENOSPC, "x"), tmp_path)
+
+
+def test_a_failed_save_with_room_on_the_disk_is_not_called_full(tmp_path):
+    """Only a full disk becomes a user error; any other failure of a save propagates unchanged."""
+    from tunesmith.errors import TunesmithError
+    from tunesmith.training.disk import full_disk_is_reported
+
+    partial = tmp_path / ".checkpoint-4.partial"
+    partial.mkdir()
+    with pytest.raises(RuntimeError, match="boom"):
+        with full_disk_is_reported(tmp_path, "checkpoint-4", partial=partial):
+            raise RuntimeError("boom")
+    assert partial.is_dir()  # kept for reading, and removed by the next save as before
+    with pytest.raises(TunesmithError, match="while writing checkpoint-4"):
+        with full_disk_is_reported(tmp_path, "checkpoint-4", partial=partial):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert not partial.exists()
 
 
 # --- a changed config --------------------------------------------------------------------------------------

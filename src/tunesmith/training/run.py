@@ -36,6 +36,7 @@ from ..doctor.memory import memory_preflight
 from ..doctor.order import length_grouped_order
 from ..reporting import write_report
 from .callbacks import MetricsFileCallback, ProgressCallback
+from .disk import full_disk_is_reported
 from .task_score import TaskScoreCallback
 from .interrupt import StopOnSignal, TrainingInterrupted
 from . import distributed
@@ -365,9 +366,10 @@ def _fit(config: RunConfig, out: Path, tokenizer, data: PreparedData, checkpoint
         _save_weights(trainer, prepared, config, out / LAST_DIR, main)  # the last weights, before the best are loaded
         trainer._load_best_model()  # transformers' own loader (the one load_best_model_at_end uses)
         best["last"] = LAST_DIR
-    _save_weights(trainer, prepared, config, out, main)
-    if main:
-        tokenizer.save_pretrained(out)
+    with full_disk_is_reported(out, "the trained weights"):
+        _save_weights(trainer, prepared, config, out, main)
+        if main:
+            tokenizer.save_pretrained(out)
     if main and config.continual.previous:
         save_previous(out, config)
     if prepared.cleanup:

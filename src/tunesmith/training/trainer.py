@@ -12,6 +12,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from ..data.collate import packed_kwargs
 from ..data.masking import IGNORE_INDEX
 from ..modeling import causal_lm, decoder_body
+from .disk import full_disk_is_reported
 from .loss import selective_cross_entropy
 
 
@@ -42,7 +43,8 @@ class AtomicCheckpoints:
     transformers 5.24 writes checkpoint-N file by file straight into the run folder, so a kill while saving
     leaves a folder that looks like a checkpoint. Here the Trainer saves into `.checkpoint-N.partial/` (by
     pointing `args.output_dir` there for the call) and the finished folder is renamed to `checkpoint-N`;
-    only then are old checkpoints rotated out. A partial folder left by a kill is removed at the next save.
+    only then are old checkpoints rotated out. A partial folder left by a kill is removed at the next save;
+    one cut short by a full disk at once, with a one-line error that says so.
     tests/test_crash_safety.py fails if a release renames the hook or stops reading the folder from
     `args.output_dir`.
     """
@@ -57,7 +59,8 @@ class AtomicCheckpoints:
         self.accelerator.wait_for_everyone()
         self.args.output_dir = str(staging)
         try:
-            super()._save_checkpoint(model, trial)
+            with full_disk_is_reported(run, name, partial=staging):
+                super()._save_checkpoint(model, trial)
         finally:
             self.args.output_dir = str(run)
         self.accelerator.wait_for_everyone()  # every rank's shards are written before the rename

@@ -8,6 +8,7 @@ The signal tests run `tunesmith train` in a subprocess through a small launcher 
 from __future__ import annotations
 
 import errno
+import hashlib
 import inspect
 import json
 import logging
@@ -29,7 +30,7 @@ from tunesmith.config import load_config
 from tunesmith.rundir import resume_checkpoint
 from tunesmith.training.run import train
 
-from helpers import fails, invoke, ok
+from helpers import fails, invoke, ok, tree
 from test_train import small_recipe
 
 MAX_STEPS, SAVE_STEPS = 8, 2
@@ -263,17 +264,19 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_the_last_whole_checkpoi
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     run = Path(recipe["output_dir"])
+    before = inputs_of(path, tiny_model_dir)
     with monkeypatch.context() as m:
         m.setattr(Trainer, "_save_rng_state", full_at_step_4)
         m.setattr(disk, "FULL_DISK_BYTES", 2**62)  # whatever this disk has free reads as full
         fails(invoke("train", path, "--json"), f"no space left on the disk holding {run} while writing checkpoint-4",
               "MiB written before it ran out, removed", "lower train.save_total_limit", "--resume")
+    assert inputs_of(path, tiny_model_dir) == before
     assert not list(run.glob(".checkpoint-*")) and sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]
     assert train(load_config(recipe), resume=True, progress=False).summary["steps"] == 6
 
 
 def test_a_full_disk_while_writing_the_trained_weights_is_one_line(tmp_path, tiny_model_dir, monkeypatch):
-    from tunesmith.training import disk, run as training_run
+    from tunesmith.training import run as training_run
 
     def no_space(*args):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -282,8 +285,17 @@ def test_a_full_disk_while_writing_the_trained_weights_is_one_line(tmp_path, tin
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     monkeypatch.setattr(training_run, "_save_weights", no_space)
+    before = inputs_of(path, tiny_model_dir)
     fails(invoke("train", path, "--json"), "no space left on the disk holding", "while writing the trained weights")
-    assert disk.disk_full(OSError(errno.ENOSPC, "x"), tmp_path)
+    assert inputs_of(path, tiny_model_dir) == before
+    assert (Path(recipe["output_dir"]) / "checkpoint-2").is_dir()  # the finished run's state, for --resume
+
+
+def inputs_of(recipe_path: Path, model_dir: Path) -> dict[str, str]:
+    """Hashes of what a run reads: the recipe, its data files, the model folder."""
+    data = yaml.safe_load(recipe_path.read_text())["data"]
+    files = [recipe_path, *(Path(data[k]) for k in ("train", "eval") if k in data)]
+    return {**tree(model_dir), **{str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}}
 
 
 def test_a_failed_save_with_room_on_the_disk_is_not_called_full(tmp_path):
